@@ -1,0 +1,218 @@
+"""Import and export of Stable Diffusion checkpoints in the diffusers folder layout.
+
+    model_index.json
+    text_encoder/ config.json  model.safetensors
+    tokenizer/    vocab.json  merges.txt  tokenizer_config.json  special_tokens_map.json
+    unet/         config.json  diffusion_pytorch_model.safetensors
+    vae/          config.json  diffusion_pytorch_model.safetensors
+    scheduler/    scheduler_config.json
+
+Weights load strictly (every tensor used, every parameter found, shapes equal). Pickle weights
+(.bin/.ckpt) are read only with allow_pickle=True, because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from sdjax.convert.state_dict import params_from_state_dict, state_dict_from_params
+from sdjax.tokenizer import save_tokenizer
+from sdjax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
+                          VAEConfig, abstract_params)
+
+# Old diffusers VAE checkpoints name the middle-block attention projections differently.
+_VAE_LEGACY_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _text_encoder_keys(key: str) -> str | None:
+    # transformers 4 wrote "text_model." before every key, transformers 5 does not; both load.
+    key = key.removeprefix("text_model.")
+    return None if key == "embeddings.position_ids" else key  # a buffer, not a parameter
+
+
+def _vae_keys(key: str) -> str:
+    for old, new in _VAE_LEGACY_NAMES.items():
+        if "mid_block.attentions.0" in key:
+            key = key.replace(old, new)
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How one network sits in the folder: its config class, module, weight file and key conventions."""
+
+    config_cls: type
+    module_cls: type
+    weights: str                       # file stem: <weights>.safetensors
+    class_names: tuple[str, ...]       # accepted _class_name / architectures in config.json
+    library: str                       # for model_index.json
+    normalize_key: Callable[[str], str | None]  # checkpoint key -> our key (None: skip)
+    export_prefix: str = ""
+
+
+COMPONENTS: dict[str, Component] = {
+    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", ("CLIPTextModel",), "transformers",
+                              _text_encoder_keys, export_prefix="text_model."),
+    "vae": Component(VAEConfig, AutoencoderKL, "diffusion_pytorch_model", ("AutoencoderKL",), "diffusers",
+                     _vae_keys),
+    "unet": Component(UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model", ("UNet2DConditionModel",),
+                      "diffusers", lambda key: key),
+}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`, or a CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_model_index(folder: str) -> dict[str, Any]:
+    """model_index.json of a diffusers pipeline folder, checked to hold the SD components."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a directory")
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise CheckpointError(f"{folder}: not a diffusers checkpoint folder (model_index.json not found)")
+    index = read_json(index_path)
+    for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        if not isinstance(index.get(name), list) or index[name][0] is None:
+            raise CheckpointError(f"{index_path}: component {name!r} is missing")
+        if not os.path.isdir(os.path.join(folder, name)):
+            raise CheckpointError(f"{os.path.join(folder, name)}: component folder not found")
+    return index
+
+
+def read_component_config(folder: str, name: str) -> Any:
+    """The typed model config of component `name` (a key of COMPONENTS) in a pipeline folder."""
+    component = COMPONENTS[name]
+    path = os.path.join(folder, name, "config.json")
+    raw = read_json(path)
+    declared = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
+    if declared is not None and declared not in component.class_names:
+        raise CheckpointError(f"{path}: declares {declared!r}; sdjax expects {' or '.join(component.class_names)}")
+    try:
+        return component.config_cls.from_dict(raw, path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_weights(directory: str, stem: str, variant: str | None, allow_pickle: bool) -> tuple[dict, str]:
+    stem = f"{stem}.{variant}" if variant else stem
+    single = os.path.join(directory, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return read_safetensors(single), single
+    index_path = single + ".index.json"
+    if os.path.isfile(index_path):  # sharded: {"weight_map": {key: shard file}}
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no weight_map")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(os.path.join(directory, shard)))
+        return tensors, index_path
+    for ext in (".bin", ".ckpt", ".pt"):
+        pickled = os.path.join(directory, stem + ext)
+        if os.path.isfile(pickled):
+            if not allow_pickle:
+                raise CheckpointError(f"{pickled}: pickle weights are not read by default because unpickling can "
+                                      f"run code; pass allow_pickle=True if you trust this file")
+            return _read_pickle(pickled), pickled
+    raise CheckpointError(f"{single}: not found (no weights for this component)")
+
+
+def _read_pickle(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading pickle weights needs PyTorch installed") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: str | None = None,
+                   allow_pickle: bool = False) -> tuple[Any, Any]:
+    """(config, params) of component `name` from a pipeline folder; params as numpy arrays of `dtype`."""
+    component = COMPONENTS[name]
+    config = read_component_config(folder, name)
+    tensors, source = _read_weights(os.path.join(folder, name), component.weights, variant, allow_pickle)
+    state_dict = {}
+    for key, value in tensors.items():
+        ours = component.normalize_key(key)
+        if ours is not None:
+            state_dict[ours] = value
+    shapes = abstract_params(component.module_cls(config))
+    return config, params_from_state_dict(shapes, state_dict, source, dtype=dtype)
+
+
+def default_model_index(scheduler_class: str) -> dict[str, Any]:
+    """model_index.json for a StableDiffusionPipeline without safety checker."""
+    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                             "feature_extractor": [None, None], "safety_checker": [None, None],
+                             "scheduler": ["diffusers", scheduler_class], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    for name, component in COMPONENTS.items():
+        index[name] = [component.library, component.class_names[0]]
+    return index
+
+
+def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any,
+                  scheduler_config: dict[str, Any], model_index: dict[str, Any] | None = None,
+                  dtype: Any = None) -> None:
+    """Writes a diffusers pipeline folder; `dtype` (e.g. np.float16) casts float weights.
+
+    Written into a temporary sibling and renamed into place, so an interrupted export leaves no
+    half-written folder. `folder` must not exist yet, or be empty.
+    """
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise CheckpointError(f"{folder}: already exists and is not empty; export into a new folder")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".sdjax-export-", dir=parent)
+    try:
+        scheduler_class = scheduler_config.get("_class_name", "PNDMScheduler")
+        index = dict(model_index or default_model_index(scheduler_class))
+        _write_json(os.path.join(staging, "model_index.json"), index)
+        for name, component in COMPONENTS.items():
+            os.makedirs(os.path.join(staging, name))
+            _write_json(os.path.join(staging, name, "config.json"), configs[name].to_dict())
+            tensors = {component.export_prefix + k: _cast(v, dtype)
+                       for k, v in state_dict_from_params(params[name]).items()}
+            write_safetensors(os.path.join(staging, name, component.weights + ".safetensors"), tensors)
+        os.makedirs(os.path.join(staging, "scheduler"))
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler_config)
+        save_tokenizer(tokenizer, os.path.join(staging, "tokenizer"))
+        if os.path.isdir(folder):
+            os.rmdir(folder)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    return array.astype(dtype) if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating) else array
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")

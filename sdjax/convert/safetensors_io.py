@@ -1,0 +1,90 @@
+"""A strict reader and writer for the safetensors format, with bfloat16 and clear errors.
+
+Our own rather than the safetensors package's numpy API: that one has no bfloat16 (common in
+half-precision checkpoints) and reports a truncated file without naming the tensor.
+Format: 8-byte little-endian header length, JSON header {name: {dtype, shape, data_offsets}},
+then the raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is missing, corrupt or does not fit the model."""
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as read-only numpy arrays (memory-mapped, not copied)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes "
+                                  f"in a file of {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len else None
+    available = size - 8 - header_len
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}: {info!r}") from None
+        if end - start != math.prod(shape) * dtype.itemsize or start < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}: "
+                                  f"offsets {start}..{end} do not fit shape {shape} of {info['dtype']}")
+        if end > available:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} "
+                                  f"of the data but the file holds {available}")
+        raw = data[start:end] if end > start else np.zeros(0, np.uint8)
+        tensors[name] = raw.view(dtype).reshape(shape)
+    return tensors
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (any of DTYPES) to `path` in key order, with `{"format": "pt"}` metadata by default."""
+    header: dict = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
+    arrays, offset = [], 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        if array.dtype not in _NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for array in arrays:
+            f.write(array.tobytes())

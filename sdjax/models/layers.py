@@ -1,0 +1,97 @@
+"""Small building blocks shared by the CLIP, VAE and UNet modules.
+
+Every parameter carries logical axis names (see `sdjax.models.AXES`), so a later
+rules table can map them onto a device mesh without touching model code.
+Parameter trees stay plain pytrees: the names live only in the boxed values
+returned by `init`, which `flax.linen.unbox` strips.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Activation names as they appear in diffusers/transformers config.json files.
+# Exact (erf) gelu everywhere: Flax's default is the tanh approximation, which
+# does not match the PyTorch reference.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+}
+
+
+def activation(name: str, where: str) -> Callable[[jax.Array], jax.Array]:
+    """Looks up an activation by its config name; `where` names the config key for errors."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: unknown activation {name!r} (known: {', '.join(sorted(ACTIVATIONS))})")
+    return ACTIVATIONS[name]
+
+
+def _partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+    """A Dense layer whose kernel is named `axes` = (in, out) and bias (out,)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=_partitioned(nn.initializers.lecun_normal(), axes),
+        bias_init=_partitioned(nn.initializers.zeros_init(), axes[1:]),
+    )
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int | str | Sequence = "SAME",
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+    """An NHWC convolution; kernel axes (kh, kw, in, out) are named for sharding by channel."""
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding,
+        dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=_partitioned(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+        bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+    )
+
+
+def group_norm(groups: int, eps: float, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm over channels (statistics in float32 whatever the compute dtype)."""
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+    )
+
+
+def layer_norm(eps: float, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis (statistics in float32)."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
+    )
+
+
+def embed(num: int, features: int, axes: tuple[str | None, str | None], *, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Embed:
+    """An embedding table named `axes` = (rows, features)."""
+    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    embedding_init=_partitioned(nn.initializers.normal(0.02), axes))
+
+
+def resize_nearest(x_nhwc: jax.Array, height: int, width: int) -> jax.Array:
+    """Nearest-neighbour resize with PyTorch's index rule (src = floor(dst * in / out))."""
+    h, w = x_nhwc.shape[1:3]
+    rows = (jnp.arange(height) * h) // height
+    cols = (jnp.arange(width) * w) // width
+    return x_nhwc[:, rows][:, :, cols]

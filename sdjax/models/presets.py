@@ -1,0 +1,48 @@
+"""Full-size Stable Diffusion architectures as diffusers/transformers config.json dicts.
+
+For building models without a checkpoint (training from scratch, memory planning, structure
+tests). A real checkpoint's own config.json always takes precedence when loading it.
+"""
+
+from __future__ import annotations
+
+_SD_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+
+_SD_UNET = {
+    "_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "norm_num_groups": 32,
+    "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "center_input_sample": False,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # runwayml/stable-diffusion-v1-5: CLIP ViT-L/14 text, 8 heads at every level.
+    "sd15": {
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2,
+        },
+        "vae": _SD_VAE,
+        "unet": dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768),
+    },
+    # stabilityai/stable-diffusion-2-1 (768, v-prediction): OpenCLIP ViT-H/14 text cut to 23 layers,
+    # head dim 64 everywhere, linear projections, attention logits upcast to float32.
+    "sd21": {
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096,
+            "num_hidden_layers": 23, "num_attention_heads": 16, "max_position_embeddings": 77,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2,
+        },
+        "vae": dict(_SD_VAE, sample_size=768),
+        "unet": dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                     use_linear_projection=True, upcast_attention=True, sample_size=96),
+    },
+}

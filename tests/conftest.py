@@ -1,0 +1,15 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/builders.py
+
+import builders  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny SD1- and SD2-style diffusers folders with their torch reference components."""
+    root = str(tmp_path_factory.mktemp("checkpoints"))
+    return {flavour: (os.path.join(root, flavour), builders.save_pipeline(root, flavour)) for flavour in ("sd1", "sd2")}
