@@ -1,0 +1,83 @@
+"""Export to the diffusers layout and back: PyTorch libraries read our files bit for bit."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import sdjax
+
+
+@pytest.fixture(scope="module")
+def sd1(checkpoints):
+    folder, ref = checkpoints["sd1"]
+    return sdjax.load(folder), ref
+
+
+def _assert_same_state(loaded: torch.nn.Module, ref: torch.nn.Module, dtype=None):
+    got, want = loaded.state_dict(), ref.state_dict()
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        expected = tensor if dtype is None else tensor.to(dtype)
+        assert got[key].dtype == expected.dtype, key
+        assert torch.equal(got[key], expected), key
+
+
+def test_export_reimports_bit_for_bit(sd1, tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    sd, ref = sd1
+    out = tmp_path / "exported"
+    sd.save(str(out))
+    _assert_same_state(UNet2DConditionModel.from_pretrained(out / "unet"), ref["unet"])
+    _assert_same_state(AutoencoderKL.from_pretrained(out / "vae"), ref["vae"])
+    _assert_same_state(CLIPTextModel.from_pretrained(out / "text_encoder"), ref["text_encoder"])
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    prompts = ["a red circle", "ciron ed"]
+    assert pipe.tokenizer(prompts, padding="max_length", max_length=77)["input_ids"] == sd.tokenize(prompts).tolist()
+    # Older readers need vocab.json/merges.txt beside tokenizer.json.
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(out / "tokenizer"))
+    again = sdjax.load(str(out))
+    for a, b in zip(jax.tree.leaves(sd.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
+    assert again.scheduler_config == sd.scheduler_config
+
+
+def test_export_half_precision(sd1, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    sd, ref = sd1
+    sd.save(str(tmp_path / "fp16"), dtype=np.float16)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "fp16" / "unet", torch_dtype=torch.float16)
+    _assert_same_state(unet, ref["unet"], dtype=torch.float16)
+    half = sdjax.load(str(tmp_path / "fp16"), dtype=jax.numpy.float16)
+    assert {x.dtype for x in jax.tree.leaves(half.params)} == {np.dtype(np.float16)}
+
+
+def test_export_refuses_nonempty_folder_and_leaves_nothing_on_failure(sd1, tmp_path, monkeypatch):
+    sd, _ = sd1
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(sdjax.CheckpointError, match="not empty"):
+        sd.save(str(target))
+    assert os.listdir(target) == ["keep.txt"]
+
+    import sdjax.convert.diffusers as diffusers_io
+
+    calls = []
+
+    def failing_write(path, tensors, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(path, tensors, metadata)
+
+    real_write = diffusers_io.write_safetensors
+    monkeypatch.setattr(diffusers_io, "write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        sd.save(str(tmp_path / "interrupted"))
+    assert sorted(os.listdir(tmp_path)) == ["taken"]  # no partial export, no staging folder
