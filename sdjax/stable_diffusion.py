@@ -26,6 +26,7 @@ class StableDiffusion:
     params: dict[str, Any]
     scheduler_config: dict[str, Any]
     model_index: dict[str, Any]
+    programs: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled samplers by Plan
 
     @property
     def configs(self) -> dict[str, Any]:
@@ -35,6 +36,33 @@ class StableDiffusion:
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> int32 ids (N, max_position_embeddings), padded with the checkpoint's pad token."""
         return tokenize(self.tokenizer, prompts, self.text_encoder.config.max_position_embeddings)
+
+    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, num_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
+                 scheduler_options: dict[str, Any] | None = None, height: int | None = None,
+                 width: int | None = None, seed: int | list[int] = 0, latents: np.ndarray | None = None,
+                 init_image: np.ndarray | None = None, strength: float = 0.8) -> np.ndarray:
+        """Images (N, H, W, 3) float32 in [0, 1], one per prompt.
+
+        Args:
+          prompts / negative_prompts: one negative per prompt (default: the empty prompt).
+          num_steps: scheduler steps; guidance_scale <= 1 skips the unconditional pass.
+          guidance_rescale: Lin et al. 2023 rescaling (0 = off).
+          scheduler: a name from sdjax.schedulers.SCHEDULERS; default: the checkpoint's own.
+          scheduler_options: family options, e.g. {"eta": 0.5} for DDIM.
+          height / width: multiples of 8; default: the UNet's sample_size x the VAE factor.
+          seed: image i uses seed + i (or give one seed per image); an image's result does not
+            depend on the other images in the batch.
+          latents: initial noise (N, H/8, W/8, 4), NHWC, instead of the seeded draw.
+          init_image: img2img source (N, H, W, 3) in [0, 1]; `strength` in (0, 1] is how much of
+            the schedule is run (1 = ignore the image's content entirely).
+        """
+        from sdjax.pipeline import generate
+
+        return generate(self, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
+                        guidance_rescale=guidance_rescale, scheduler=scheduler,
+                        scheduler_options=scheduler_options, height=height, width=width, seed=seed,
+                        latents=latents, init_image=init_image, strength=strength)
 
     def save(self, folder: str, dtype: Any = None) -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`."""

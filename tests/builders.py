@@ -38,7 +38,8 @@ def write_tokenizer(folder: str, pad: str) -> int:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>" if pad == "eos" else pad)
+    tok = CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>" if pad == "eos" else pad,
+                                        model_max_length=77)
     tok.save_pretrained(folder)
     return len(vocab)
 

@@ -10,10 +10,25 @@ from typing import Any, Callable
 
 from sdjax.schedulers.base import Scheduler, ScheduleConfig, denoise, per_image_normal
 from sdjax.schedulers.ddim import DDIM
+from sdjax.schedulers.ddpm import DDPM
+from sdjax.schedulers.dpm_solver import DPMSolverPP2M
+from sdjax.schedulers.euler import Euler, EulerAncestral
+from sdjax.schedulers.heun import Heun
+from sdjax.schedulers.lms import LMS
+from sdjax.schedulers.pndm import PNDM
+from sdjax.schedulers.unipc import UniPC
 
 # name -> (constructor(cfg, num_steps, **options), diffusers class names that mean this family)
 SCHEDULERS: dict[str, tuple[Callable[..., Scheduler], tuple[str, ...]]] = {
     "ddim": (DDIM, ("DDIMScheduler",)),
+    "ddpm": (DDPM, ("DDPMScheduler",)),
+    "pndm": (PNDM, ("PNDMScheduler",)),
+    "lms": (LMS, ("LMSDiscreteScheduler",)),
+    "euler": (Euler, ("EulerDiscreteScheduler",)),
+    "euler_ancestral": (EulerAncestral, ("EulerAncestralDiscreteScheduler",)),
+    "heun": (Heun, ("HeunDiscreteScheduler",)),
+    "dpmpp_2m": (DPMSolverPP2M, ("DPMSolverMultistepScheduler",)),
+    "unipc": (UniPC, ("UniPCMultistepScheduler",)),
 }
 
 
@@ -34,7 +49,11 @@ def make_scheduler(name: str | None, config: dict[str, Any], num_steps: int, **o
     name = name or scheduler_name(config)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name][0](ScheduleConfig.from_dict(config), num_steps, **options)
+    family = SCHEDULERS[name][0]
+    # Keys the config leaves out take the family's own defaults (as diffusers' from_config does),
+    # e.g. a PNDM config switched to DDIM gets DDIM's clip_sample=True.
+    merged = {**getattr(family, "DEFAULTS", {}), **config}
+    return family(ScheduleConfig.from_dict(merged), num_steps, **options)
 
 
 __all__ = ["SCHEDULERS", "Scheduler", "ScheduleConfig", "denoise", "make_scheduler", "per_image_normal",

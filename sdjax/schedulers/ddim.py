@@ -10,6 +10,7 @@ from sdjax.schedulers.base import ScheduleConfig, alphas_cumprod, leading_timest
 
 
 class DDIM:
+    DEFAULTS = {"clip_sample": True}  # diffusers' DDIMScheduler defaults that differ from ScheduleConfig's
     order = 1
     init_noise_sigma = 1.0
 

@@ -1,0 +1,66 @@
+"""PNG files with generation settings in a `parameters` text chunk, in AUTOMATIC1111's format:
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model: sd15
+
+so existing prompt-reader tools understand sdjax's images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+# Our scheduler names -> the sampler names the web UI writes.
+SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
+                 "dpmpp_2m": "DPM++ 2M", "lms": "LMS", "ddpm": "DDPM", "unipc": "UniPC"}
+
+
+def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, Any]) -> str:
+    """The `parameters` text: prompt line, optional negative line, then "Key: value" pairs."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of format_parameters: (prompt, negative prompt, settings as strings)."""
+    lines = text.split("\n")
+    settings = dict(re.findall(r"\s*([^:,]+): ([^,]*)(?:,|$)", lines[-1]))
+    body = lines[:-1]
+    negative = ""
+    neg_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt: ")), None)
+    if neg_at is not None:
+        negative = "\n".join(body[neg_at:])[len("Negative prompt: "):]
+        body = body[:neg_at]
+    return "\n".join(body), negative, settings
+
+
+def save_png(path: str, image: np.ndarray, parameters: str) -> None:
+    """Writes a float [0, 1] (H, W, 3) image atomically (temp file, then rename) with its parameters."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_parameters(path: str) -> str:
+    """The `parameters` chunk of a PNG written by save_png (or the web UI)."""
+    with Image.open(path) as im:
+        return im.info["parameters"]

@@ -1,0 +1,81 @@
+"""sample.py end to end on a tiny saved checkpoint: PNGs, their `parameters` chunk, reruns, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax.png_info import format_parameters, parse_parameters, read_parameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_parameters_round_trip():
+    settings = {"Steps": 3, "Sampler": "DDIM", "CFG scale": 7.5, "Seed": 42, "Size": "32x32", "Model": "m"}
+    text = format_parameters("a red circle, detailed", "blurry, dark", settings)
+    prompt, negative, parsed = parse_parameters(text)
+    assert (prompt, negative) == ("a red circle, detailed", "blurry, dark")
+    assert parsed == {k: str(v) for k, v in settings.items()}
+
+
+def test_sample_writes_pngs_and_never_overwrites(checkpoints, tmp_path):
+    folder, _ = checkpoints["sd1"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle", "seed": 100, "num_images": 2}) + "\n" +
+                       json.dumps({"prompt": "ciron", "negative_prompt": "blue", "guidance": 1.0}) + "\n")
+    out = tmp_path / "out"
+    args = ["--model", folder, "--prompts-file", str(prompts), "--steps", "2", "--size", "32", "--scheduler", "ddim",
+            "--batch-size", "2", "--seed", "7", "--out", str(out)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "images/s" in result.stdout
+    names = sorted(os.listdir(out))
+    assert names == ["00000-100.png", "00001-101.png", "00002-9.png"]
+    prompt, negative, settings = parse_parameters(read_parameters(str(out / "00002-9.png")))
+    assert (prompt, negative) == ("ciron", "blue")
+    assert settings == {"Steps": "2", "Sampler": "DDIM", "CFG scale": "1.0", "Seed": "9", "Size": "32x32",
+                        "Model": "sd1"}
+    with Image.open(out / "00000-100.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+        first = np.asarray(im)
+    assert run_cli(*args).returncode == 0
+    assert len(os.listdir(out)) == 6  # the rerun added, nothing replaced
+    with Image.open(out / "00003-100.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), first)  # same seed, same image
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--size", "30"], "multiples of 8"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--scheduler", "nope"], "--scheduler 'nope' is unknown; known: ddim"),
+    (["--prompt", "x", "--prompt", "y", "--num-images", "0"], "--num-images must be >= 1"),
+])
+def test_bad_flags_fail_cleanly(checkpoints, tmp_path, extra, message):
+    folder, _ = checkpoints["sd1"]
+    args = ["--model", folder, "--out", str(tmp_path / "out")]
+    if "--prompt" not in extra:
+        args += ["--prompt", "a red circle"]
+    result = run_cli(*args, *extra)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_no_prompts_and_unwritable_out(checkpoints, tmp_path):
+    folder, _ = checkpoints["sd1"]
+    result = run_cli("--model", folder, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "no prompts" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("--model", folder, "--prompt", "a", "--out", str(blocker / "sub"))
+    assert result.returncode == 2 and "cannot create" in result.stderr
