@@ -1,7 +1,9 @@
-"""Batch text-to-image sampling: prompts in, one PNG per image out (settings in each PNG's `parameters`).
+"""Batch sampling: prompts in, one PNG per image out (settings in each PNG's `parameters`).
 
     python sample.py --model path/to/diffusers-folder --prompt "a red circle" --num-images 4 --out out/
     python sample.py --model ... --prompts-file prompts.jsonl --batch-size 8
+    python sample.py --model ... --prompt "..." --init-image in.png --strength 0.6 --out out/       (img2img)
+    python sample.py --model ... --prompt "..." --init-image in.png --mask mask.png --out out/      (inpainting)
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (model_index.json inside)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl with objects holding 'prompt' and "
-                                          "optional negative_prompt, seed, steps, guidance, scheduler, size, num_images")
+                                          "optional negative_prompt, seed, steps, guidance, scheduler, size, num_images, "
+                                          "init_image, mask, strength")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default: none)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch (default 4)")
@@ -24,7 +27,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <=1 off)")
     p.add_argument("--scheduler", help="scheduler family (default: the checkpoint's own)")
-    p.add_argument("--size", help="N or HxW in pixels, multiples of 8 (default: the model's native size)")
+    p.add_argument("--size", help="N or HxW in pixels, multiples of 8 (default: the init image's size, else the "
+                                  "model's native size)")
+    p.add_argument("--init-image", help="img2img / inpainting source image (its size must be the job's size)")
+    p.add_argument("--mask", help="inpainting mask image, same size: white = repaint, black = keep")
+    p.add_argument("--strength", type=float, help="share of the schedule run from the noised init image, in (0, 1] "
+                                                  "(default 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--out", required=True, help="output directory (created; existing images are kept)")
     return p.parse_args(argv)
@@ -54,10 +62,11 @@ def main(argv: list[str]) -> int:
         enable_compilation_cache()
         sd = sdjax.load(args.model, dtype=getattr(jnp, args.dtype))
         native = sd.unet.config.sample_size * sd.vae.config.downscale
-        size = job.parse_size(args.size) if args.size else (native, native)
         jobs = job.expand_jobs(entries, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                               guidance=args.guidance, scheduler=args.scheduler, size=size,
-                               num_images=args.num_images)
+                               guidance=args.guidance, scheduler=args.scheduler,
+                               size=job.parse_size(args.size) if args.size else None, native_size=(native, native),
+                               num_images=args.num_images, init_image=args.init_image, mask=args.mask,
+                               strength=args.strength)
         job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(args.model)))
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Text-to-image and image-to-image sampling as one jitted program per shape.
+"""Text-to-image, image-to-image and inpainting as one jitted program per shape.
 
     tokenize -> text encoder (prompt and negative prompt) -> lax.scan over the scheduler's steps
     (one UNet call on the doubled batch for classifier-free guidance) -> VAE decode
@@ -23,7 +23,8 @@ import numpy as np
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 
 # fold_in tags of the per-image random streams.
-STREAMS = {"latents": 0, "steps": 1, "posterior": 2}
+STREAMS = {"latents": 0, "steps": 1, "posterior": 2, "masked_posterior": 3}
+MODES = ("txt2img", "img2img", "inpaint")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -81,39 +82,88 @@ class Plan:
     latent_hw: tuple[int, int]
     guided: bool
     guidance_rescale: float
-    start: int           # first loop index (img2img skips the noisiest steps)
-    from_image: bool
+    start: int           # first loop index (img2img and inpainting skip the noisiest steps)
+    mode: str            # one of MODES
+
+
+def noise_coefficients(sched: Scheduler) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) per loop index with add_noise(x, n, i) == a[i] x + b[i] n, plus a final (1, 0).
+
+    Every scheduler's forward process is linear in (x, n), so the coefficients are read off on the
+    host once and indexed inside the scan instead of calling add_noise with a traced index.
+    """
+    steps = range(len(sched.timesteps))
+    a = [float(sched.add_noise(np.float64(1), np.float64(0), i)) for i in steps] + [1.0]
+    b = [float(sched.add_noise(np.float64(0), np.float64(1), i)) for i in steps] + [0.0]
+    return np.asarray(a, np.float32), np.asarray(b, np.float32)
 
 
 def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
     """The jitted sampling program for one Plan."""
     text_encoder, unet, vae = sd.text_encoder, sd.unet, sd.vae
     scale = vae.config.scaling_factor
+    conditioned_unet = unet.config.in_channels > vae.config.latent_channels  # 9-channel inpainting UNet
 
-    def program(params, ids, neg_ids, keys, guidance_scale, noise, init_images):
+    def encode(params, images, keys, name):
+        """Scaled posterior samples of images in [-1, 1]."""
+        mean, logvar = vae.apply({"params": params["vae"]}, images, method="encode")
+        eps = per_image_normal(stream(keys, name), mean.shape[1:], mean.dtype)
+        return (mean + jnp.exp(0.5 * logvar) * eps) * scale
+
+    def program(params, ids, neg_ids, keys, guidance_scale, noise, init_images, masks):
         cond = text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
         uncond = text_encoder.apply({"params": params["text_encoder"]}, neg_ids)[0] if plan.guided else None
-        unet_fn = lambda x, t, ctx: unet.apply({"params": params["unet"]}, x, t, ctx)
+        extra = None
+        if plan.mode == "inpaint":
+            keep = (masks < 0.5).astype(init_images.dtype)[..., None]
+            latent_mask = 1 - keep[:, ::vae.config.downscale, ::vae.config.downscale]  # nearest downsampling
+            if conditioned_unet:
+                masked = encode(params, (init_images * 2 - 1) * keep, keys, "masked_posterior")
+                extra = jnp.concatenate([latent_mask, masked], axis=-1)
+
+        def unet_fn(x, t, ctx):
+            if extra is not None:  # the doubled CFG batch gets the same mask channels twice
+                x = jnp.concatenate([x, jnp.tile(extra, (x.shape[0] // extra.shape[0], 1, 1, 1))], axis=-1)
+            return unet.apply({"params": params["unet"]}, x, t, ctx)
+
         model_fn = guided(unet_fn, cond, uncond, guidance_scale, plan.guidance_rescale)
-        if plan.from_image:
-            mean, logvar = vae.apply({"params": params["vae"]}, init_images * 2 - 1, method="encode")
-            eps = per_image_normal(stream(keys, "posterior"), mean.shape[1:], mean.dtype)
-            init = (mean + jnp.exp(0.5 * logvar) * eps) * scale
-            latents = sched.add_noise(init, noise, plan.start)
-        else:
+        post_step = None
+        if plan.mode == "txt2img":
             latents = noise * sched.init_noise_sigma
-        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start)
+        else:
+            init = encode(params, init_images * 2 - 1, keys, "posterior")
+            if plan.mode == "inpaint" and plan.start == 0:  # strength 1: pure noise, as diffusers does
+                latents = noise * sched.init_noise_sigma
+            else:
+                latents = sched.add_noise(init, noise, plan.start)
+            if plan.mode == "inpaint" and not conditioned_unet:
+                # Regular UNet: after each step, put back the kept region noised to the next step's level.
+                a, b = (jnp.asarray(c) for c in noise_coefficients(sched))
+
+                def post_step(x, i):
+                    return latent_mask * x + (1 - latent_mask) * (a[i + 1] * init + b[i + 1] * noise)
+
+        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step)
         images = vae.apply({"params": params["vae"]}, latents / scale, method="decode")
         return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1)
 
     return jax.jit(program)
 
 
+def _check_images(name: str, value: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    value = np.asarray(value, np.float32)
+    if value.shape != shape:
+        raise ValueError(f"{name} has shape {value.shape}; expected {shape} ({what})")
+    return value
+
+
 def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, num_steps: int = 50,
              guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
              scheduler_options: dict[str, Any] | None = None, height: int | None = None, width: int | None = None,
              seed: int | Sequence[int] = 0, latents: np.ndarray | None = None, init_image: np.ndarray | None = None,
-             strength: float = 0.8) -> np.ndarray:
+             strength: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1] for N prompts. See StableDiffusion.generate."""
     prompts = list(prompts)
     if not prompts:
@@ -132,31 +182,40 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
     seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"seed: {len(seeds)} seeds given for {n} prompts")
-    latent_shape = (height // factor, width // factor, sd.unet.config.in_channels)
+    latent_shape = (height // factor, width // factor, sd.vae.config.latent_channels)
 
+    mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
+    if mode == "inpaint" and init_image is None:
+        raise ValueError("mask given without init_image; inpainting needs both")
+    if sd.unet.config.in_channels != latent_shape[-1] and mode != "inpaint":
+        raise ValueError(f"this UNet takes {sd.unet.config.in_channels} input channels (an inpainting model); "
+                         "give init_image and mask")
+    init_image = _check_images("init_image", init_image, (n, height, width, 3), "N, height, width, RGB in [0, 1]")
+    if mask is not None and np.ndim(mask) == 4 and np.shape(mask)[-1] == 1:
+        mask = np.asarray(mask)[..., 0]
+    mask = _check_images("mask", mask, (n, height, width), "N, height, width; 1 = repaint, 0 = keep")
     sched = make_scheduler(scheduler, sd.scheduler_config, num_steps, **(scheduler_options or {}))
     start = 0
-    if init_image is not None:
+    if mode != "txt2img":
+        strength = (1.0 if mode == "inpaint" else 0.8) if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        init_image = np.asarray(init_image, np.float32)
-        if init_image.shape != (n, height, width, 3):
-            raise ValueError(f"init_image has shape {init_image.shape}; expected {(n, height, width, 3)} "
-                             f"(N, height, width, RGB in [0, 1])")
-        start = (num_steps - min(int(num_steps * strength), num_steps)) * sched.order
-        if start >= len(sched.timesteps):
+        run_steps = min(int(num_steps * strength), num_steps)
+        if run_steps < 1:
             raise ValueError(f"strength {strength} with {num_steps} steps leaves no denoising step")
+        start = (num_steps - run_steps) * sched.order
     if latents is None:
         latents = initial_noise(seeds, latent_shape)
     elif np.shape(latents) != (n,) + latent_shape:
         raise ValueError(f"latents has shape {np.shape(latents)}; expected {(n,) + latent_shape} (N, h, w, C)")
 
     plan = Plan(scheduler or "", num_steps, tuple(sorted((scheduler_options or {}).items())), n,
-                latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, init_image is not None)
+                latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, mode)
     program = sd.programs.get(plan)
     if program is None:
         program = sd.programs[plan] = build_program(sd, plan, sched)
     images = program(sd.params, sd.tokenize(prompts), sd.tokenize(negative_prompts), image_keys(seeds),
                      jnp.float32(guidance_scale), jnp.asarray(latents, jnp.float32),
-                     None if init_image is None else jnp.asarray(init_image))
+                     None if init_image is None else jnp.asarray(init_image),
+                     None if mask is None else jnp.asarray(mask))
     return np.asarray(images)

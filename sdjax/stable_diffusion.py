@@ -41,7 +41,8 @@ class StableDiffusion:
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
                  scheduler_options: dict[str, Any] | None = None, height: int | None = None,
                  width: int | None = None, seed: int | list[int] = 0, latents: np.ndarray | None = None,
-                 init_image: np.ndarray | None = None, strength: float = 0.8) -> np.ndarray:
+                 init_image: np.ndarray | None = None, strength: float | None = None,
+                 mask: np.ndarray | None = None) -> np.ndarray:
         """Images (N, H, W, 3) float32 in [0, 1], one per prompt.
 
         Args:
@@ -54,15 +55,19 @@ class StableDiffusion:
           seed: image i uses seed + i (or give one seed per image); an image's result does not
             depend on the other images in the batch.
           latents: initial noise (N, H/8, W/8, 4), NHWC, instead of the seeded draw.
-          init_image: img2img source (N, H, W, 3) in [0, 1]; `strength` in (0, 1] is how much of
-            the schedule is run (1 = ignore the image's content entirely).
+          init_image: img2img / inpainting source (N, H, W, 3) in [0, 1].
+          strength: in (0, 1], how much of the schedule is run from the noised init_image
+            (default 0.8 for img2img; 1.0 for inpainting, which then starts from pure noise).
+          mask: inpainting mask (N, H, W) or (N, H, W, 1), binarised at 0.5: 1 = repaint, 0 = keep.
+            A regular UNet blends the kept region back after every step; a 9-channel inpainting
+            UNet gets the mask and the masked image's latents as extra input channels.
         """
         from sdjax.pipeline import generate
 
         return generate(self, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, scheduler=scheduler,
                         scheduler_options=scheduler_options, height=height, width=width, seed=seed,
-                        latents=latents, init_image=init_image, strength=strength)
+                        latents=latents, init_image=init_image, strength=strength, mask=mask)
 
     def save(self, folder: str, dtype: Any = None) -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`."""

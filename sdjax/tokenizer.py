@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Sequence
@@ -45,3 +46,38 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 77) -> np.ndar
                       f"{too_long[0][:60]!r}", stacklevel=2)
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)["input_ids"]
     return np.asarray(ids, dtype=np.int32)
+
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def byte_characters() -> list[str]:
+    """The GPT-2/CLIP mapping of the 256 bytes onto printable characters, in CLIP's vocab order:
+    printable bytes as themselves first ("!" gets id 0), then the rest shifted past 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def write_bpe_tokenizer(folder: str, merges: Sequence[tuple[str, str]] = (), pad: str = "eos",
+                        max_length: int = 77):
+    """Writes a CLIP BPE tokenizer over the byte alphabet plus `merges` to `folder` and returns it.
+
+    Every byte is a token alone and word-final ("x</w>"), so any text is covered; each merge adds
+    its joined token. pad is "eos" (SD1 style) or a token such as "!" (SD2 style, id 0).
+    """
+    from transformers import CLIPTokenizer
+
+    chars = byte_characters()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=SPECIAL_TOKENS[1] if pad == "eos" else pad,
+                                              model_max_length=max_length)
+    save_tokenizer(tokenizer, folder)
+    return load_tokenizer(folder)

@@ -1,47 +1,24 @@
 """Tiny random-weight reference models (PyTorch diffusers/transformers), saved as diffusers folders.
 
 Nothing is downloaded: weights are random, the tokenizer is a byte-level CLIP BPE vocabulary
-built here. Torch's default init leaves norms at 1 and biases at 0, so every tensor gets extra
+built by sdjax.tokenizer.write_bpe_tokenizer. Torch's default init leaves norms at 1 and biases at 0, so every tensor gets extra
 noise to make the parity tests sensitive to each parameter.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-# A byte-level vocabulary (each byte as a character, alone and word-final) covers any prompt.
-SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def _byte_chars() -> list[str]:
-    # The GPT-2/CLIP mapping of the 256 bytes onto printable unicode characters, in CLIP's vocab
-    # order: printable bytes as themselves first ("!" gets id 0), then the rest shifted past 255.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    rest = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+from sdjax.tokenizer import write_bpe_tokenizer
 
 
 def write_tokenizer(folder: str, pad: str) -> int:
-    """Saves a CLIPTokenizer to `folder`; `pad` is "eos" (SD1) or "!" (SD2, id 0). Returns the vocab size."""
-    from transformers import CLIPTokenizer
-
-    chars = _byte_chars()
+    """Saves a byte-level CLIPTokenizer with a few merges to `folder`; `pad` is "eos" (SD1) or "!"
+    (SD2, id 0). Returns the vocab size."""
     merges = [("c", "i"), ("ci", "r"), ("e", "d</w>"), ("r", "ed</w>"), ("o", "n")]
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + SPECIAL
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>" if pad == "eos" else pad,
-                                        model_max_length=77)
-    tok.save_pretrained(folder)
-    return len(vocab)
+    return len(write_bpe_tokenizer(folder, merges, pad))
 
 
 def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
@@ -73,11 +50,12 @@ def vae():
         sample_size=32), seed=2)
 
 
-def unet(flavour: str):
-    """SD1 style: conv proj_in/out, heads per level. SD2 style: linear proj, head dim 64, upcast_attention."""
+def unet(flavour: str, in_channels: int = 4):
+    """SD1 style: conv proj_in/out, heads per level. SD2 style: linear proj, head dim 64, upcast_attention.
+    in_channels=9 makes an inpainting UNet (latents + mask + masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
-    common = dict(in_channels=4, out_channels=4, sample_size=16, norm_num_groups=8, cross_attention_dim=32,
+    common = dict(in_channels=in_channels, out_channels=4, sample_size=16, norm_num_groups=8, cross_attention_dim=32,
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     if flavour == "sd1":
@@ -90,20 +68,23 @@ def unet(flavour: str):
     return perturb_(model, seed=3)
 
 
-def save_pipeline(folder: str, flavour: str) -> dict:
-    """Builds and saves a tiny SD1- or SD2-style StableDiffusionPipeline; returns its torch components."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def save_pipeline(folder: str, flavour: str, inpainting: bool = False) -> dict:
+    """Builds and saves a tiny SD1- or SD2-style StableDiffusionPipeline (with a 9-channel UNet as a
+    StableDiffusionInpaintPipeline if `inpainting`) in folder/flavour; returns its torch components."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tok_dir = os.path.join(folder, "_tok")
     vocab_size = write_tokenizer(tok_dir, "eos" if flavour == "sd1" else "!")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     components = dict(
-        text_encoder=text_encoder(flavour, vocab_size, tokenizer.eos_token_id), vae=vae(), unet=unet(flavour),
+        text_encoder=text_encoder(flavour, vocab_size, tokenizer.eos_token_id), vae=vae(),
+        unet=unet(flavour, 9 if inpainting else 4),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False))
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+    pipeline_cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_cls(**components, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(os.path.join(folder, flavour))
     return components

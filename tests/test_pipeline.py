@@ -78,7 +78,7 @@ def test_one_scanned_program_per_shape(sd1):
         plan = next(p for p in sd.programs if p.num_steps == steps)
         ids = sd.tokenize(["a", "b"])
         args = (sd.params, ids, ids, jax.numpy.stack([jax.random.key(0)] * 2), 7.5,
-                np.zeros((2, 16, 16, 4), np.float32), None)
+                np.zeros((2, 16, 16, 4), np.float32), None, None)
         text = str(jax.make_jaxpr(sd.programs[plan])(*args))
         return text.count("conv_general_dilated"), "scan" in text
 
@@ -112,3 +112,98 @@ def test_img2img_matches_diffusers(sd1, name, monkeypatch):
     ref = pipe(PROMPTS, image=_nchw(init), negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
                strength=0.6, output_type="np").images
     assert np.abs(ours - ref).max() < TOL
+
+
+def _inpaint_inputs():
+    rng = np.random.default_rng(7)
+    init = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((2, 32, 32), np.float32)
+    mask[0, 8:24, 4:20] = 1
+    mask[1, :16] = 0.7  # binarised to 1
+    return init, mask
+
+
+def _reference_inpaint(folder, name, init, mask, noise, posteriors, monkeypatch, strength):
+    """diffusers' StableDiffusionInpaintPipeline, fed our noise and posterior draws (in its call order)."""
+    import diffusers
+    from diffusers.models.autoencoders import vae as diffusers_vae
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
+
+    draws = iter(posteriors)
+    monkeypatch.setattr(diffusers_vae.DiagonalGaussianDistribution, "sample",
+                        lambda self, generator=None: self.mean + self.std * _nchw(next(draws)))
+    monkeypatch.setattr(inpaint_module, "randn_tensor", lambda shape, **kw: _nchw(noise))
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, image=_nchw(init), mask_image=torch.from_numpy(mask[:, None]), negative_prompt=NEGATIVE,
+               num_inference_steps=8, guidance_scale=7.5, strength=strength, height=32, width=32,
+               output_type="np").images
+    assert next(draws, None) is None, "the reference drew fewer posterior samples than expected"
+    return ref
+
+
+@pytest.mark.parametrize("name,strength", [("ddim", 1.0), ("euler", 0.75)])
+def test_inpaint_blending_matches_diffusers(sd1, name, strength, monkeypatch):
+    """Regular 4-channel UNet: the kept region is re-noised and blended back after every step."""
+    folder, sd = sd1
+    seeds = [21, 22]
+    init, mask = _inpaint_inputs()
+    noise = initial_noise(seeds, (16, 16, 4))
+    ours = sd.generate(PROMPTS, NEGATIVE, num_steps=8, guidance_scale=7.5, scheduler=name, height=32, width=32,
+                       seed=seeds, init_image=init, mask=mask, strength=strength)
+    # The reference encodes the init image, then the masked image (whose latents a 4-channel UNet ignores).
+    posterior = initial_noise(seeds, (16, 16, 4), "posterior")
+    ref = _reference_inpaint(folder, name, init, mask, noise, [posterior, posterior], monkeypatch, strength)
+    assert np.abs(ours - ref).max() < TOL
+
+
+@pytest.mark.parametrize("name,strength", [("ddim", 1.0), ("dpmpp_2m", 0.75)])
+def test_inpaint_9_channel_unet_matches_diffusers(inpaint_checkpoint, name, strength, monkeypatch):
+    sd = sdjax.load(inpaint_checkpoint)
+    seeds = [31, 32]
+    init, mask = _inpaint_inputs()
+    noise = initial_noise(seeds, (16, 16, 4))
+    ours = sd.generate(PROMPTS, NEGATIVE, num_steps=8, guidance_scale=7.5, scheduler=name, height=32, width=32,
+                       seed=seeds, init_image=init, mask=mask[..., None], strength=strength)
+    masked = initial_noise(seeds, (16, 16, 4), "masked_posterior")
+    # strength < 1 encodes the init image first (to noise it); the masked image always.
+    draws = [masked] if strength == 1.0 else [initial_noise(seeds, (16, 16, 4), "posterior"), masked]
+    ref = _reference_inpaint(inpaint_checkpoint, name, init, mask, noise, draws, monkeypatch, strength)
+    assert np.abs(ours - ref).max() < TOL
+
+
+def test_inpaint_extreme_masks(sd1):
+    """Blending with an all-keep mask ends on the init image's latents whatever the prompt; an
+    all-repaint mask at strength 1 is exactly txt2img. (The VAE's attention spreads any latent change
+    over the whole image, so partial masks are checked by the parity tests above.)"""
+    _, sd = sd1
+    init, _ = _inpaint_inputs()
+    kw = dict(num_steps=4, scheduler="ddim", height=32, width=32, seed=1, init_image=init)
+    keep_a = sd.generate(PROMPTS, mask=np.zeros((2, 32, 32)), **kw)
+    keep_b = sd.generate(["something else", "x"], mask=np.zeros((2, 32, 32)), **kw)
+    np.testing.assert_allclose(keep_a, keep_b, atol=1e-5)
+    repaint = sd.generate(PROMPTS, mask=np.ones((2, 32, 32)), **kw)
+    del kw["init_image"]
+    np.testing.assert_allclose(repaint, sd.generate(PROMPTS, **kw), atol=1e-5)
+    assert np.abs(repaint - keep_a).max() > 0.05
+
+
+def test_guidance_rescale_changes_output_by_its_formula(sd1, monkeypatch):
+    """guidance_rescale=1 makes each guided prediction's std equal the conditional one's."""
+    from sdjax import pipeline
+
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    out = jnp.asarray(rng.normal(size=(4, 8, 8, 4)).astype(np.float32))
+    out = out.at[2:].multiply(3.0)  # conditional half with a different scale
+    fn = pipeline.guided(lambda x, t, ctx: out, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 5)), 7.5, 1.0)
+    res = np.asarray(fn(jnp.zeros((2, 8, 8, 4)), 0))
+    cond = np.asarray(out[2:])
+    np.testing.assert_allclose(res.std(axis=(1, 2, 3)), cond.std(axis=(1, 2, 3)), rtol=1e-5)
+    half = np.asarray(pipeline.guided(lambda x, t, ctx: out, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 5)), 7.5,
+                                      0.5)(jnp.zeros((2, 8, 8, 4)), 0))
+    plain = np.asarray(pipeline.guided(lambda x, t, ctx: out, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 5)), 7.5,
+                                       0.0)(jnp.zeros((2, 8, 8, 4)), 0))
+    np.testing.assert_allclose(half, 0.5 * res + 0.5 * plain, rtol=1e-5, atol=1e-5)

@@ -79,3 +79,41 @@ def test_no_prompts_and_unwritable_out(checkpoints, tmp_path):
     blocker.write_text("x")
     result = run_cli("--model", folder, "--prompt", "a", "--out", str(blocker / "sub"))
     assert result.returncode == 2 and "cannot create" in result.stderr
+
+
+def test_img2img_and_inpainting_flags(checkpoints, tmp_path):
+    folder, _ = checkpoints["sd1"]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask[:, :40]).save(tmp_path / "small_mask.png")
+    common = ["--model", folder, "--prompt", "a red circle", "--steps", "4", "--scheduler", "ddim"]
+
+    result = run_cli(*common, "--init-image", str(tmp_path / "init.png"), "--strength", "0.5",
+                     "--out", str(tmp_path / "i2i"))
+    assert result.returncode == 0, result.stderr
+    (name,) = os.listdir(tmp_path / "i2i")
+    with Image.open(tmp_path / "i2i" / name) as im:
+        assert im.size == (48, 32)  # the init image's size
+    _, _, settings = parse_parameters(read_parameters(str(tmp_path / "i2i" / name)))
+    assert settings["Denoising strength"] == "0.5" and settings["Size"] == "48x32"
+
+    result = run_cli(*common, "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--out", str(tmp_path / "inpaint"))
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(tmp_path / "inpaint")) == 1
+
+    for extra, message in [(["--mask", str(tmp_path / "mask.png")], "without an init image"),
+                           (["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "small_mask.png")],
+                            "small_mask.png: image is 32x40 (HxW); the job's size is 32x48"),
+                           (["--init-image", str(tmp_path / "init.png"), "--size", "32"], "the job's size is 32x32"),
+                           (["--init-image", str(tmp_path / "init.png"), "--strength", "1.5"], "strength must be in"),
+                           (["--init-image", str(tmp_path / "missing.png")], "missing.png: cannot read image")]:
+        out = tmp_path / "bad"
+        result = run_cli(*common, *extra, "--out", str(out))
+        assert result.returncode == 2, extra
+        assert message in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        assert not out.exists() or os.listdir(out) == []

@@ -333,11 +333,14 @@ def per_image_normal(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32)
 
 
 def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array,
-            keys: jax.Array | None = None, start: int = 0) -> jax.Array:
+            keys: jax.Array | None = None, start: int = 0,
+            post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
     """Runs the scheduler from loop index `start` to the end as one lax.scan.
 
     model_fn(model_input, timestep) -> model output. `keys` (one per image) feed stochastic steps:
-    step i draws per_image_normal(fold_in(key, i)).
+    step i draws per_image_normal(fold_in(key, i)). post_step(x, i) -> x, if given, edits the
+    sample after each step (inpainting's blending); the scheduler state keeps its own copy, as
+    diffusers' schedulers do.
     """
     state = scheduler.init(latents)
     timesteps = jnp.asarray(scheduler.timesteps)
@@ -350,6 +353,8 @@ def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
             noise = per_image_normal(step_keys, x.shape[1:], x.dtype)
         state, x = scheduler.step(state, output, i, x, noise)
+        if post_step is not None:
+            x = post_step(x, i)
         return (state, x), None
 
     indices = jnp.arange(start, len(scheduler.timesteps))
