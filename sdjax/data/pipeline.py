@@ -1,0 +1,201 @@
+"""The training input pipeline: a TFDS random-access source read by grain into host-local batches.
+
+    config.data = default_data_config()
+    it = make_iterator(config.data, tokenize_fn, global_batch_size=64, seed=0,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)   # {"pixels": f32 (B_local, R, R, 3) in [-1, 1], "input_ids": i32 (B_local, L)}
+    state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes bitwise
+
+Stream order per host: its shard of the split (every process_count-th record), shuffled by the
+seed, repeated forever (reshuffled each epoch), preprocessed with randomness drawn from
+(seed, process_index, position), unreadable images dropped, then batched with drop_remainder.
+
+Sources "shapes" and "folder" build their TFDS dataset on first use (a no-op once built). With
+several hosts sharing one data_dir, build it beforehand with `python -m sdjax.data.prepare`, so
+that the hosts do not all write it at once. Unreadable images are logged and skipped; the count
+is `sdjax.data.preprocess.unreadable_images_skipped()`.
+
+grain worker processes (data.worker_count > 0) parse absl flags on start-up, so the program must
+run under `absl.app.run` (or have parsed FLAGS) and `tokenize_fn` must be picklable. The batches
+depend on worker_count (each worker batches its own slice), so resume with the same worker_count.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sdjax.data.prepare import default_data_dir, prepare
+from sdjax.data.preprocess import CROPS, Preprocess
+
+SOURCES = ("shapes", "folder", "tfds")
+
+# Stop, rather than spin, when most images in a window of 1000 reads cannot be decoded.
+MAX_UNREADABLE_FRACTION = 0.5
+
+TokenizeFn = Callable[[Sequence[str]], np.ndarray]
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `config.data` block of a training config, with defaults for the built-in shapes dataset."""
+    config = ml_collections.ConfigDict()
+    config.source = "shapes"  # "shapes" | "folder" | "tfds"
+    config.data_dir = default_data_dir()  # where TFDS datasets are built and read
+    config.split = "train"
+    config.image_key = "image"
+    config.caption_key = "caption"
+    config.name = ""  # source "tfds": the dataset name, e.g. "my_dataset/config:1.0.0"
+    config.shapes = ml_collections.ConfigDict({"num_examples": 2000, "num_test_examples": 200, "seed": 0})
+    config.folder = ml_collections.ConfigDict({"src": "", "caption_column": "text"})
+    config.resolution = 64  # also the side the shapes are drawn at
+    config.crop = "center"  # "center" | "random"
+    config.flip = False  # random horizontal flip (off by default: captions may say left/right)
+    config.caption_dropout = 0.1  # probability of the empty prompt, for classifier-free guidance
+    config.worker_count = 0  # grain worker processes; 0 reads in this process
+    config.read_threads = 8  # reader threads per process
+    config.prefetch_buffer = 256  # preprocessed examples kept ready per process
+    return config
+
+
+def _check_config(data_config) -> None:
+    if data_config.source not in SOURCES:
+        raise ValueError(f"data.source: expected one of {', '.join(SOURCES)}, got {data_config.source!r}")
+    if data_config.crop not in CROPS:
+        raise ValueError(f"data.crop: expected one of {', '.join(CROPS)}, got {data_config.crop!r}")
+    if not 0.0 <= data_config.caption_dropout <= 1.0:
+        raise ValueError(f"data.caption_dropout: expected a probability in [0, 1], got {data_config.caption_dropout}")
+    if data_config.resolution < 1:
+        raise ValueError(f"data.resolution: expected a positive number of pixels, got {data_config.resolution}")
+    if data_config.worker_count < 0:
+        raise ValueError(f"data.worker_count: expected >= 0, got {data_config.worker_count}")
+
+
+def _open_builder(data_config):
+    """The tfds builder the config names, prepared on demand for "shapes" and "folder"."""
+    source = data_config.source
+    if source == "shapes":
+        options = dict(data_config.shapes)
+        path = prepare("shapes", data_config.data_dir, resolution=data_config.resolution, **options)
+        return tfds.builder_from_directory(path)
+    if source == "folder":
+        if not data_config.folder.src:
+            raise ValueError("data.folder.src: source 'folder' needs the image folder")
+        return tfds.builder_from_directory(prepare("folder", data_config.data_dir, **dict(data_config.folder)))
+    name = data_config.name
+    if not name:
+        raise ValueError("data.name: source 'tfds' needs a dataset name")
+    try:
+        builder = tfds.builder(name, data_dir=data_config.data_dir)
+    except Exception as e:  # tfds raises several types for an unknown name
+        raise ValueError(f"data.name: tfds dataset {name!r} not found in {data_config.data_dir} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not builder.is_prepared():
+        raise ValueError(f"data.name: tfds dataset {name!r} is not prepared in {data_config.data_dir} "
+                         f"(expected it at {builder.data_dir})")
+    return builder
+
+
+def make_source(data_config) -> Sequence[dict]:
+    """The random-access TFDS source of `data_config.split`, its image feature left encoded.
+
+    Checks the dataset, split and feature keys first, and names whichever is missing.
+    """
+    _check_config(data_config)
+    builder = _open_builder(data_config)
+    info = builder.info
+    splits = sorted(info.splits.keys())
+    base_split = data_config.split.split("[")[0]
+    if base_split not in splits:
+        raise ValueError(f"data.split: {info.full_name} has no split {base_split!r}; available: {', '.join(splits)}")
+    features = info.features
+    for key_name in ("image_key", "caption_key"):
+        key = data_config[key_name]
+        if key not in features:
+            raise ValueError(f"data.{key_name}: {info.full_name} has no feature {key!r}; "
+                             f"available features: {', '.join(sorted(features.keys()))}")
+    # Decoding happens in the pipeline, where an unreadable image is skipped instead of raising.
+    decoders = None
+    if isinstance(features[data_config.image_key], tfds.features.Image):
+        decoders = {data_config.image_key: tfds.decode.SkipDecoding()}
+    source = builder.as_data_source(split=data_config.split, decoders=decoders)
+    if len(source) == 0:
+        raise ValueError(f"data.split: {info.full_name} split {data_config.split!r} is empty")
+    return source
+
+
+def _derived_seed(*numbers: int) -> int:
+    """A 32-bit seed mixed from several integers (grain seeds must fit in uint32)."""
+    return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1)[0])
+
+
+def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """This host's infinite stream of preprocessed examples {"image": uint8 (R, R, 3), "caption": str}.
+
+    Positions whose image cannot be decoded hold None; `make_iterator` drops them.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+    if len(source) < process_count:
+        raise ValueError(f"data.split: {len(source)} example(s) cannot be shared among {process_count} processes")
+    preprocess = Preprocess(
+        image_key=data_config.image_key,
+        caption_key=data_config.caption_key,
+        resolution=int(data_config.resolution),
+        crop=data_config.crop,
+        flip=bool(data_config.flip),
+        caption_dropout=float(data_config.caption_dropout),
+    )
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    # Same shuffle seed on every host (their shards differ anyway); augmentation seeds differ per
+    # host, so that hosts do not flip or drop captions in lockstep.
+    dataset = dataset.shuffle(seed=_derived_seed(seed, 0)).repeat()
+    return dataset.random_map(preprocess, seed=_derived_seed(seed, 1, process_index))
+
+
+class _Collate:
+    """Stacks examples into a batch and tokenizes the captions.
+
+    A class rather than a closure so that grain worker processes can pickle it with tokenize_fn.
+    """
+
+    def __init__(self, tokenize_fn: TokenizeFn):
+        self.tokenize_fn = tokenize_fn
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        pixels = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+        captions = [e["caption"] for e in examples]
+        input_ids = np.asarray(self.tokenize_fn(captions))
+        if input_ids.ndim != 2 or input_ids.shape[0] != len(captions):
+            raise ValueError(f"tokenize_fn returned shape {input_ids.shape} for {len(captions)} captions; "
+                             "expected (num_captions, max_length)")
+        return {"pixels": pixels, "input_ids": input_ids.astype(np.int32, copy=False)}
+
+
+def make_iterator(data_config, tokenize_fn: TokenizeFn, *, global_batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator over this host's batches.
+
+    Each batch: "pixels" float32 (B_local, R, R, 3) in [-1, 1] and "input_ids" int32 (B_local, L),
+    B_local = global_batch_size // process_count. `tokenize_fn(list[str]) -> int array (N, L)`.
+    The iterator's `get_state()` is JSON-serialisable and `set_state(state)` resumes exactly.
+    """
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
+                         f"process_count {process_count}")
+    batch_size = global_batch_size // process_count
+    source = make_source(data_config)
+    examples = make_dataset(data_config, source, seed=seed, process_index=process_index, process_count=process_count)
+    read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
+                                     prefetch_buffer_size=int(data_config.prefetch_buffer))
+    dataset = examples.to_iter_dataset(read_options)  # drops the None of unreadable images
+    dataset = grain.experimental.WithOptionsIterDataset(
+        dataset, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=MAX_UNREADABLE_FRACTION))
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_Collate(tokenize_fn))
+    if data_config.worker_count > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.worker_count)))
+    return iter(dataset)

@@ -1,0 +1,115 @@
+"""Per-example preprocessing: decode, resize, crop, flip, caption dropout; unreadable images are skipped.
+
+Every random choice comes from the generator grain hands to `random_map`, which is seeded by the
+pipeline seed and the example's position in the stream, so a restored iterator redoes exactly the
+same choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import threading
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CROPS = ("center", "random")
+
+# Reads run in grain's reader threads, so the count is guarded by a lock. With grain worker
+# processes (worker_count > 0) each worker counts its own reads and this process sees none.
+_unreadable_lock = threading.Lock()
+_unreadable = 0
+
+
+def unreadable_images_skipped() -> int:
+    """How many images this process failed to decode and skipped, since start or the last reset."""
+    return _unreadable
+
+
+def reset_unreadable_count() -> None:
+    """Sets the count of skipped unreadable images back to zero."""
+    global _unreadable
+    with _unreadable_lock:
+        _unreadable = 0
+
+
+def _count_unreadable() -> int:
+    global _unreadable
+    with _unreadable_lock:
+        _unreadable += 1
+        return _unreadable
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """The per-example transform; a plain picklable object so grain worker processes can run it."""
+
+    image_key: str
+    caption_key: str
+    resolution: int
+    crop: str = "center"
+    flip: bool = False
+    caption_dropout: float = 0.0
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict | None:
+        """{"image": uint8 (R, R, 3), "caption": str}, or None when the image cannot be decoded."""
+        # Draw every number up front, always in the same order, so that changing one option
+        # (e.g. turning flip on) does not shift the draws of the others.
+        drop, flip, crop_y, crop_x, pick = rng.random(5)
+        encoded = example[self.image_key]  # a missing key is a config error, not a bad image
+        try:
+            image = _to_pil_rgb(encoded, self.resolution)
+            pixels = _resize_and_crop(image, self.resolution, self.crop, crop_y, crop_x)
+        except Exception as e:  # any decoder failure: skip the example, never stop training
+            count = _count_unreadable()
+            log.warning("unreadable image skipped (%s: %s); %d skipped so far", type(e).__name__, e, count)
+            return None
+        if self.flip and flip < 0.5:
+            pixels = pixels[:, ::-1]
+        caption = "" if drop < self.caption_dropout else _caption_text(example[self.caption_key], pick)
+        return {"image": np.ascontiguousarray(pixels), "caption": caption}
+
+
+def _to_pil_rgb(value, resolution: int) -> Image.Image:
+    """An RGB PIL image from encoded bytes (SkipDecoding) or an already decoded uint8 array."""
+    if isinstance(value, (bytes, np.bytes_)):
+        image = Image.open(io.BytesIO(value))
+        # JPEG can decode straight at 1/2, 1/4 or 1/8 scale; draft keeps both sides >= the request.
+        image.draft("RGB", (resolution, resolution))
+        image.load()
+    else:
+        array = np.asarray(value)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = Image.fromarray(array.astype(np.uint8, copy=False))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _resize_and_crop(image: Image.Image, resolution: int, crop: str, u_y: float, u_x: float) -> np.ndarray:
+    """Shorter side to `resolution` (bicubic), then a square crop: centred or at (u_y, u_x) in [0, 1)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    if crop == "center":
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left, top = int(u_x * (spare_x + 1)), int(u_y * (spare_y + 1))
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+def _caption_text(value, u: float) -> str:
+    """A caption string from a Text feature (bytes or str); from a sequence of captions, one at random."""
+    if isinstance(value, np.ndarray) and value.ndim > 0:
+        if value.size == 0:
+            return ""
+        value = value.reshape(-1)[int(u * value.size)]
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode("utf-8")
+    return str(value)

@@ -1,0 +1,256 @@
+"""TFDS builders for the training data, written as ArrayRecord so they build and read without TensorFlow.
+
+- ShapesBuilder ("sdjax_shapes"): the procedural shapes dataset of shapes.py, splits train and test.
+- ImageFolderBuilder ("sdjax_image_folder"): a local folder of images with captions, split train.
+
+Each set of options is its own BuilderConfig (its name encodes them), so different options never
+share a directory. Read a prepared dataset with `tfds.builder_from_directory(path).as_data_source`
+(see prepare.py), never with `tfds.load`, which needs TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from sdjax.data import shapes
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILE = "metadata.jsonl"
+
+
+class _CodePathHere:
+    """Points tfds at this file directly.
+
+    tfds' own lookup of a builder's source file, for a builder inside a package, probes the
+    `importlib_resources` backport, which is not a dependency here.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+@dataclasses.dataclass(eq=False)  # as tfds' BuilderConfig: compared by identity
+class ShapesConfig(tfds.core.BuilderConfig):
+    num_examples: int = 2000
+    num_test_examples: int = 200
+    resolution: int = 64
+    seed: int = 0
+
+
+def shapes_config(num_examples: int = 2000, num_test_examples: int = 200, resolution: int = 64,
+                  seed: int = 0) -> ShapesConfig:
+    """A ShapesConfig whose name spells its options, e.g. "n2000_t200_r64_s0"."""
+    if int(num_examples) < 1:
+        raise ValueError(f"shapes num_examples must be >= 1, got {num_examples}")
+    if int(resolution) < 8:
+        raise ValueError(f"shapes resolution must be >= 8 pixels, got {resolution}")
+    if int(num_test_examples) < 0:
+        raise ValueError(f"shapes num_test_examples must be >= 0, got {num_test_examples}")
+    name = f"n{num_examples}_t{num_test_examples}_r{resolution}_s{seed}"
+    return ShapesConfig(name=name, num_examples=int(num_examples), num_test_examples=int(num_test_examples),
+                        resolution=int(resolution), seed=int(seed))
+
+
+class ShapesBuilder(_CodePathHere, tfds.core.GeneratorBasedBuilder):
+    """One coloured shape on a plain background with its caption and attribute labels."""
+
+    name = "sdjax_shapes"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    BUILDER_CONFIGS = [shapes_config()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Procedural captioned shapes (sdjax.data.shapes).",
+            features=tfds.features.FeaturesDict({
+                # PNG: the generator hands PIL images, which need an explicit encoding.
+                "image": tfds.features.Image(shape=(cfg.resolution, cfg.resolution, 3), encoding_format="png"),
+                "caption": tfds.features.Text(),
+                "shape": tfds.features.Text(),
+                "color": tfds.features.Text(),
+                "size": tfds.features.Text(),
+                "background": tfds.features.Text(),
+            }),
+        )
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        # Test examples continue the index range after train, so the splits never share an example.
+        splits = {"train": self._generate_examples(0, cfg.num_examples)}
+        if cfg.num_test_examples:
+            splits["test"] = self._generate_examples(cfg.num_examples, cfg.num_examples + cfg.num_test_examples)
+        return splits
+
+    def _generate_examples(self, start: int, stop: int):
+        cfg = self.builder_config
+        for index in range(start, stop):
+            example = shapes.make_example(index, cfg.seed, cfg.resolution)
+            # A PIL image, because encoding a numpy array goes through TensorFlow.
+            example["image"] = Image.fromarray(example["image"])
+            yield index, example
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder
+
+
+@dataclasses.dataclass(eq=False)  # as tfds' BuilderConfig: compared by identity
+class ImageFolderConfig(tfds.core.BuilderConfig):
+    src: str = ""
+    caption_column: str = "text"
+
+
+def _image_files(src: str) -> list[str]:
+    """Image paths under `src`, relative to it, sorted so the dataset order is reproducible."""
+    found = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(root, name), src))
+    return sorted(found)
+
+
+def _fingerprint(src: str, files: list[str]) -> str:
+    """A short hash of the folder's path and of its files' names, sizes and times.
+
+    A changed folder gets a new config name, hence a fresh build instead of a stale one.
+    """
+    digest = hashlib.sha1(os.path.abspath(src).encode())
+    for name in files + [METADATA_FILE] + [os.path.splitext(f)[0] + ".txt" for f in files]:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def image_folder_config(src: str, caption_column: str = "text") -> ImageFolderConfig:
+    """An ImageFolderConfig named after the folder and a fingerprint of its contents."""
+    if not os.path.isdir(src):
+        raise ValueError(f"{src}: image folder not found (not a directory)")
+    files = _image_files(src)
+    if not files:
+        raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    stem = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(os.path.abspath(src)).lower()).strip("_") or "folder"
+    name = f"{stem}_{_fingerprint(src, files)}"
+    return ImageFolderConfig(name=name, src=os.path.abspath(src), caption_column=caption_column)
+
+
+def _read_metadata(src: str, caption_column: str) -> dict[str, str]:
+    """file_name -> caption from src/metadata.jsonl (the Hugging Face imagefolder layout)."""
+    path = os.path.join(src, METADATA_FILE)
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            for key in ("file_name", caption_column):
+                if key not in row:
+                    raise ValueError(f"{path}:{number}: key {key!r} is missing")
+            captions[os.path.normpath(row["file_name"])] = str(row[caption_column])
+    return captions
+
+
+def folder_captions(src: str, files: list[str], caption_column: str = "text") -> dict[str, str]:
+    """Caption of every image: from metadata.jsonl if the folder has one, else from <stem>.txt beside it.
+
+    An image without a caption is an error naming it.
+    """
+    if os.path.isfile(os.path.join(src, METADATA_FILE)):
+        listed = _read_metadata(src, caption_column)
+        missing = [f for f in files if os.path.normpath(f) not in listed]
+        if missing:
+            raise ValueError(f"{os.path.join(src, missing[0])}: no caption in {METADATA_FILE} "
+                             f"({len(missing)} image(s) without one)")
+        return {f: listed[os.path.normpath(f)] for f in files}
+    captions = {}
+    for name in files:
+        txt = os.path.join(src, os.path.splitext(name)[0] + ".txt")
+        if not os.path.isfile(txt):
+            raise ValueError(f"{os.path.join(src, name)}: no caption (expected {txt} or {METADATA_FILE})")
+        with open(txt, encoding="utf-8") as f:
+            captions[name] = f.read().strip()
+    return captions
+
+
+def _encoded_rgb(path: str) -> bytes:
+    """The image file's bytes if it is an RGB JPEG or PNG, else the image re-encoded as an RGB PNG.
+
+    Decodes the whole image, so a truncated or corrupt file raises here, at prepare time.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.format in ("JPEG", "PNG") and image.mode == "RGB":
+            with open(path, "rb") as f:
+                return f.read()
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+class ImageFolderBuilder(_CodePathHere, tfds.core.GeneratorBasedBuilder):
+    """A local folder of images with .txt captions beside them or a metadata.jsonl."""
+
+    name = "sdjax_image_folder"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Captioned images from {self.builder_config.src}.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "caption": tfds.features.Text(),
+                "file_name": tfds.features.Text(),
+            }),
+            # The generator records how many unreadable images it skipped.
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        files = _image_files(cfg.src)
+        captions = folder_captions(cfg.src, files, cfg.caption_column)  # fails before any writing
+        return {"train": self._generate_examples(files, captions)}
+
+    def _generate_examples(self, files: list[str], captions: dict[str, str]):
+        src = self.builder_config.src
+        skipped = 0
+        for name in files:
+            path = os.path.join(src, name)
+            try:
+                image = _encoded_rgb(path)
+            except Exception as e:  # any decoder failure means the file is unusable
+                skipped += 1
+                log.warning("%s: unreadable image skipped (%s: %s)", path, type(e).__name__, e)
+                continue
+            yield name, {"image": image, "caption": captions[name], "file_name": name}
+        self.info.metadata["skipped_corrupt_images"] = skipped
+        if skipped:
+            log.warning("%s: skipped %d unreadable image(s) of %d", src, skipped, len(files))
