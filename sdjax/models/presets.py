@@ -46,3 +46,32 @@ PRESETS: dict[str, dict[str, dict]] = {
                      use_linear_projection=True, upcast_attention=True, sample_size=96),
     },
 }
+
+
+def _small_family(vae_channels: list[int], unet_channels: list[int], heads: int, text_width: int,
+                  text_layers: int, latent_side: int) -> dict[str, dict]:
+    """A scaled-down SD architecture for training from scratch (the text vocab size and EOS id are
+    set from the tokenizer when the model is built)."""
+    levels = len(unet_channels)
+    return {
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"], "vocab_size": 0, "hidden_size": text_width,
+            "intermediate_size": 4 * text_width, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "eos_token_id": 0,
+        },
+        "vae": dict(_SD_VAE, block_out_channels=vae_channels, layers_per_block=1, norm_num_groups=8,
+                    down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+                    up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+                    sample_size=latent_side * 2 ** (len(vae_channels) - 1), scaling_factor=1.0),
+        "unet": dict(_SD_UNET, block_out_channels=unet_channels, layers_per_block=1, norm_num_groups=8,
+                     attention_head_dim=heads, cross_attention_dim=text_width, sample_size=latent_side,
+                     down_block_types=["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+                     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)),
+    }
+
+
+# Tiny: CPU tests and smoke runs (32x32 images, 16x16 latents). Small: the from-scratch default model
+# (64x64 images, 16x16 latents).
+PRESETS["tiny"] = _small_family([16, 32], [32, 64], heads=4, text_width=32, text_layers=2, latent_side=16)
+PRESETS["small"] = _small_family([32, 64, 64], [64, 128, 256], heads=4, text_width=128, text_layers=4,
+                                 latent_side=16)

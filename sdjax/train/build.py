@@ -1,0 +1,58 @@
+"""The model a training run starts from: a diffusers checkpoint to fine-tune, or a preset from scratch."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import sdjax
+from sdjax.convert.diffusers import default_model_index
+from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
+from sdjax.models.params import init_params
+from sdjax.models.presets import PRESETS
+from sdjax.stable_diffusion import StableDiffusion
+from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
+
+# The noise schedule of Stable Diffusion's training (and a sampler config for the exported model).
+SD_SCHEDULE = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+               "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+               "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def build_model(model: ml_collections.ConfigDict, seed: int, workdir: str) -> StableDiffusion:
+    """The starting model (float32 parameters; compute in model.dtype).
+
+    From scratch, the tokenizer is model.tokenizer (a folder) or a byte-level BPE written to
+    workdir/tokenizer, and all three networks are initialised from `seed`.
+    """
+    dtype = jnp.dtype(model.dtype)
+    modules = dict(dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl)
+    if model.pretrained:
+        sd = sdjax.load(model.pretrained, dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl)
+    else:
+        if not model.architecture:
+            raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
+                             "(--config.model.pretrained=PATH), or an architecture to train from scratch")
+        if model.architecture not in PRESETS:
+            raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
+        tokenizer = (load_tokenizer(model.tokenizer) if model.tokenizer
+                     else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
+        preset = copy.deepcopy(PRESETS[model.architecture])
+        preset["text_encoder"].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(preset["text_encoder"], "preset"), **modules)
+        vae = AutoencoderKL(VAEConfig.from_dict(preset["vae"], "preset"), **modules)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(preset["unet"], "preset"), **modules)
+        keys = jax.random.split(jax.random.key(seed), 3)
+        params = {name: init_params(module, key)
+                  for (name, module), key in zip((("text_encoder", text_encoder), ("vae", vae), ("unet", unet)), keys)}
+        sd = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, params=params,
+                             scheduler_config=dict(SD_SCHEDULE), model_index=default_model_index("DDIMScheduler"))
+    if model.prediction_type:
+        sd.scheduler_config = dict(sd.scheduler_config, prediction_type=model.prediction_type)
+    if model.remat:
+        sd.unet = sd.unet.clone(remat=True)
+    return sd

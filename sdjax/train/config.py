@@ -1,0 +1,113 @@
+"""The training config schema: every key train.py understands, with its default.
+
+Config files (configs/*.py) start from `base_config()` and change values; `check_keys` then
+rejects any key the schema does not have, so a typo is an error instead of a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+
+from sdjax.data.pipeline import default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All training settings with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                      # params init, noise, timesteps; the data order has its own seed below
+    c.total_steps = 1000
+    c.batch_size = 8                # global batch (all hosts and devices)
+    c.grad_accum_steps = 1          # the batch is split into this many micro-batches, scanned
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""         # a diffusers folder to fine-tune; "" = from scratch with `architecture`
+    c.model.architecture = "tiny"   # a preset of sdjax.models.presets.PRESETS (from scratch only)
+    c.model.tokenizer = ""          # from scratch: a tokenizer folder; "" = byte-level BPE (no merges)
+    c.model.prediction_type = ""    # "" = the checkpoint's scheduler config (epsilon for new models)
+    c.model.train_text_encoder = False
+    c.model.dtype = "float32"       # compute dtype; parameters and optimizer state stay float32
+    c.model.remat = False           # rematerialise UNet blocks in the backward pass
+    c.model.attention_impl = "xla"
+
+    c.data = default_data_config()
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.min_snr_gamma = 0.0      # 0 = plain MSE; Hang et al. 2023 suggest 5
+    c.loss.offset_noise = 0.0       # per-channel offset added to the noise (0.05-0.1 for darker/brighter images)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.schedule = "cosine"  # "cosine" (after warmup, to end_factor) or "constant" (after warmup)
+    c.optimizer.warmup_steps = 100
+    c.optimizer.end_factor = 0.0     # cosine end value, as a fraction of learning_rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping
+    c.optimizer.ema_decay = 0.9999    # 0 = no EMA (the export then uses the trained params)
+    c.optimizer.max_bad_steps = 10    # non-finite losses in a row before the run stops
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_every = 0       # also keep every K-th step's checkpoint forever (0 = none)
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.preview_every_steps = 500   # 0 = no previews
+    c.log.preview_prompts = ("a small red circle on a blue background", "a large yellow square on a black background")
+    c.log.preview_steps = 20
+    c.log.preview_guidance = 5.0
+    c.log.progress_bar = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.at_end = True            # write workdir/export (diffusers layout, EMA weights) when done
+    return c
+
+
+def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
+    """Raises ValueError naming the first key of `config` that the schema does not have."""
+    schema = base_config() if schema is None else schema
+    for key, value in config.items():
+        name = prefix + key
+        if key not in schema:
+            raise ValueError(f"unknown config key {name!r} (known here: {', '.join(sorted(schema.keys()))})")
+        if isinstance(value, ml_collections.ConfigDict) != isinstance(schema[key], ml_collections.ConfigDict):
+            raise ValueError(f"config key {name!r}: expected "
+                             f"{'a group' if isinstance(schema[key], ml_collections.ConfigDict) else 'a value'}")
+        if isinstance(value, ml_collections.ConfigDict):
+            check_keys(value, schema[key], name + ".")
+
+
+def sweep_points(module: Any) -> list[dict[str, Any]]:
+    """The sweep a config file declares with `sweep(add)`: a list of {dotted key: value} overrides.
+
+    Each call add(**{"optimizer.learning_rate": 1e-4}) declares one point. Files without `sweep`
+    have none.
+    """
+    points: list[dict[str, Any]] = []
+    declare: Callable[..., Any] | None = getattr(module, "sweep", None)
+    if declare is not None:
+        declare(lambda **overrides: points.append(dict(overrides)))
+    return points
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-key overrides; an unknown key is an error."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for dotted, value in overrides.items():
+        *groups, leaf = dotted.split(".")
+        node = config
+        for group in groups:
+            if group not in node:
+                raise ValueError(f"sweep override {dotted!r}: unknown config group {group!r}")
+            node = node[group]
+        if leaf not in node:
+            raise ValueError(f"sweep override {dotted!r}: unknown config key {leaf!r}")
+        node[leaf] = value
+    return config

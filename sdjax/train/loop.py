@@ -1,0 +1,159 @@
+"""The training loop: build -> restore or init -> [batch -> train_step -> log / preview / checkpoint] -> export.
+
+Preemption safety: every step's randomness is fold_in(seed, step) and the data order is a function
+of the data seed and position, so restarting from a checkpoint (which holds the iterator's
+position) replays exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sdjax.data.pipeline import make_iterator, make_source
+from sdjax.flops import compiled_flops, measured_peak_flops
+from sdjax.train import faults
+from sdjax.train.build import build_model
+from sdjax.train.checkpoint import Checkpoints, fingerprint
+from sdjax.train.config import check_keys
+from sdjax.train.metrics_writer import MetricWriter
+from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdjax.train.progress import Progress
+from sdjax.train.step import TrainState, init_state, make_train_step, trained_names
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Errors a run would otherwise hit later, raised before any compute."""
+    check_keys(config)
+    devices, processes = jax.device_count(), jax.process_count()
+    if config.batch_size < 1 or config.batch_size % devices:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the device count {devices}")
+    if config.batch_size % (config.grad_accum_steps * processes):
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
+                         f"{config.grad_accum_steps} x processes {processes}")
+    if config.total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
+    for key in ("every_steps", "keep_last"):
+        if config.checkpoint[key] < 1:
+            raise ValueError(f"checkpoint.{key} must be >= 1, got {config.checkpoint[key]}")
+
+
+def export(sd, state: TrainState, folder: str) -> None:
+    """Writes the EMA weights (with the frozen networks) as a diffusers folder."""
+    params = jax.device_get({**state.frozen, **state.ema})
+    dataclasses.replace(sd, params=params, programs={}).save(folder)
+
+
+def _preview(sd, state: TrainState, config: ml_collections.ConfigDict, programs: dict) -> np.ndarray:
+    """Images for the fixed preview prompts from the current EMA weights (fixed seeds)."""
+    view = dataclasses.replace(sd, params={**state.frozen, **state.ema}, programs=programs)
+    side = config.data.resolution
+    return view.generate(list(config.log.preview_prompts), num_steps=config.log.preview_steps,
+                         guidance_scale=config.log.preview_guidance, height=side, width=side, seed=0)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    make_source(config.data)  # a missing dataset or feature key fails here, before the model is built
+    sd = build_model(config.model, config.seed, workdir)
+    trained = trained_names(config)
+    model_id = fingerprint(sd, trained)
+    checkpoints = Checkpoints(workdir, config.checkpoint)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        checkpoints.check_model(latest, model_id)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    data = make_iterator(config.data, sd.tokenize, global_batch_size=config.batch_size, seed=config.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    state = init_state(sd, config, tx)
+    sd.params = {}  # all parameters now live in the state, whose buffers each step donates
+    if latest is not None:
+        state, data_state = checkpoints.restore(latest, state)
+        data.set_state(data_state)
+        print(f"resumed from {checkpoints.directory} at step {latest}", flush=True)
+
+    step_fn = jax.jit(make_train_step(sd, config, tx), donate_argnums=0)
+    batch = jax.tree.map(jnp.asarray, next(data))
+    compiled = step_fn.lower(state, batch).compile()
+    flops_per_step = compiled_flops(compiled)
+    peak = measured_peak_flops(config.model.dtype) * jax.device_count()
+    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+
+    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=lead)
+    progress = Progress(config.total_steps, int(state.step), enabled=lead and config.log.progress_bar)
+    previews: dict = {}
+    step = int(state.step)
+    window: list[dict] = []
+    window_start, window_steps = time.perf_counter(), 0
+    logged: dict[str, Any] = {}
+    previous = None
+    try:
+        while step < config.total_steps:
+            state, metrics = compiled(state, batch)
+            step += 1
+            faults.maybe_kill("step", step, before=checkpoints.wait)
+            window.append(metrics)
+            window_steps += 1
+            if previous is not None and int(previous["bad_steps"]) >= config.optimizer.max_bad_steps:
+                raise TrainingError(
+                    f"stopped at step {step}: the loss or gradient was non-finite {config.optimizer.max_bad_steps} "
+                    f"steps in a row; the last checkpoint (step {checkpoints.latest_step()}) is intact")
+            previous = metrics  # checked after the next dispatch, so the host never waits on the device
+            if step % config.log.every_steps == 0 or step == config.total_steps:
+                means = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+                elapsed = time.perf_counter() - window_start
+                logged = {"loss": means["loss"], "grad_norm": means["grad_norm"],
+                          "lr": float(schedule(step - 1)), "step_time": elapsed / window_steps,
+                          "images_per_second": config.batch_size * window_steps / elapsed,
+                          "mfu": flops_per_step * window_steps / elapsed / peak if flops_per_step else 0.0,
+                          "skipped_steps": window_steps * (1 - means["finite"])}
+                writer.write_scalars(step, logged)
+                progress.update(step, logged)
+                window, window_start, window_steps = [], time.perf_counter(), 0
+            if config.log.preview_every_steps and step % config.log.preview_every_steps == 0 and lead:
+                writer.write_images(step, {"preview": _preview(sd, state, config, previews)})
+                window_start = time.perf_counter()  # keep sampling time out of the step time
+            if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                checkpoints.save(state, data.get_state(), model_id)
+                faults.maybe_kill("save", step)
+            if step < config.total_steps:  # after the save, whose data state must not count this batch
+                batch = jax.tree.map(jnp.asarray, next(data))  # loads while the dispatched step runs
+        if previous is not None and int(previous["bad_steps"]) >= config.optimizer.max_bad_steps:
+            raise TrainingError(f"stopped at step {step}: the loss or gradient was non-finite "
+                                f"{config.optimizer.max_bad_steps} steps in a row")
+        checkpoints.wait()
+        export_dir = os.path.join(workdir, "export")
+        if config.export.at_end and lead and not os.path.exists(export_dir):
+            export(sd, state, export_dir)
+            print(f"exported the EMA weights to {export_dir}")
+    finally:
+        progress.close()
+        writer.close()
+        checkpoints.wait()
+        checkpoints.close()
+    return logged
+
+
+def summary(workdir: str) -> list[dict[str, Any]]:
+    """The metrics a run logged (logs/metrics.jsonl), one dict per logging step."""
+    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,166 @@
+"""train.py end to end on CPU: the tiny config trains, logs, checkpoints, exports, and resumes exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sdjax
+from sdjax.convert.safetensors_io import read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--config.log.progress_bar=False", "--config.log.every_steps=2", "--config.checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+def run_train(workdir, data_dir, *flags, fault=None, config="configs/tiny.py"):
+    env = dict(os.environ, SDJAX_DATA_DIR=data_dir)
+    env.pop("SDJAX_FAULT", None)
+    if fault:
+        env["SDJAX_FAULT"] = fault
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, config)}",
+                           f"--workdir={workdir}", *FAST, *flags], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def test_tiny_run_trains_logs_checkpoints_and_exports(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    result = run_train(workdir, data_dir, "--config.total_steps=40", "--config.log.preview_every_steps=20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "logs" / "metrics.jsonl") as f:
+        logs = [json.loads(line) for line in f]
+    assert [r["step"] for r in logs] == list(range(2, 41, 2))
+    losses = [r["loss"] for r in logs]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    for key in ("grad_norm", "lr", "step_time", "images_per_second", "mfu"):
+        assert all(np.isfinite(r[key]) and r[key] >= 0 for r in logs), key
+    assert 0 < logs[-1]["mfu"] < 1
+    events = [n for n in os.listdir(workdir / "logs") if n.startswith("events.out.tfevents")]
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir / "logs"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(2, 41, 2))
+    assert [e.step for e in acc.Images("preview")] == [20, 40]
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [32, 36, 40]  # keep_last 3
+    sd = sdjax.load(str(workdir / "export"))
+    images = sd.generate(["a small red circle on a blue background"], num_steps=3, height=32, width=32)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def _final(workdir):
+    unet = read_safetensors(os.path.join(workdir, "export", "unet", "diffusion_pytorch_model.safetensors"))
+    return unet
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
+    steps = ["--config.total_steps=12"]
+    straight = tmp_path / "straight"
+    assert run_train(straight, data_dir, *steps).returncode == 0
+    killed = tmp_path / "killed"
+    first = run_train(killed, data_dir, *steps, fault="step:6")  # mid-step, after the step-4 checkpoint
+    assert first.returncode == -9, first.stderr[-2000:]
+    second = run_train(killed, data_dir, *steps, fault="save:8")  # mid-save (async write under way)
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    third = run_train(killed, data_dir, *steps)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "resumed from" in third.stdout
+    a, b = _final(straight), _final(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    import orbax.checkpoint as ocp
+
+    restore = lambda w: ocp.StandardCheckpointer().restore(os.path.join(w, "checkpoints", "12", "state"))
+    sa, sb = restore(straight), restore(killed)
+    for x, y in zip(*(jax_leaves(t["params"]) for t in (sa, sb))):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(*(jax_leaves(t["opt_state"]) for t in (sa, sb))):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.model.nonsense=1"], "nonsense"),
+    (["--config.batch_size=3", "--config.grad_accum_steps=2"], "batch_size 3 is not divisible by grad_accum_steps 2"),
+    (["--config.data.source=tfds", "--config.data.name=no_such_dataset"], "no_such_dataset"),
+    (["--config.data.caption_key=text"], "text"),
+    (["--config.model.architecture=huge"], "model.architecture 'huge' is unknown"),
+])
+def test_bad_config_fails_before_compute(tmp_path, data_dir, flags, message):
+    result = run_train(tmp_path / "run", data_dir, "--config.total_steps=2", *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_workdir_of_a_different_model_is_refused(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    assert run_train(workdir, data_dir, "--config.total_steps=4").returncode == 0
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    result = run_train(workdir, data_dir, "--config.total_steps=8", "--config.model.train_text_encoder=True")
+    assert result.returncode == 2
+    assert "holds a checkpoint of a different model (trained" in result.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_sweep_lists_and_runs_a_point(tmp_path, data_dir):
+    result = run_train(tmp_path / "s", data_dir, "--sweep=list")
+    assert result.returncode == 0
+    assert "0: {'optimizer.learning_rate': 0.0003}" in result.stdout
+    result = run_train(tmp_path / "s", data_dir, "--sweep=1", "--config.total_steps=2", "--config.export.at_end=False")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "s" / "sweep_1" / "config.json").read_text())
+    assert config["optimizer"]["learning_rate"] == 1e-3
+    assert run_train(tmp_path / "s", data_dir, "--sweep=7").returncode == 2
+
+
+CONFIGS = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_and_its_tiny_variant_is_valid(name):
+    import importlib.util
+
+    from sdjax.train.config import apply_overrides, check_keys, sweep_points
+
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full, tiny = module.get_config(), module.get_config("tiny")
+    check_keys(full)
+    check_keys(tiny)
+    assert tiny.total_steps <= 60 and tiny.batch_size <= 4 and tiny.data.resolution <= 32
+    for point in sweep_points(module):
+        check_keys(apply_overrides(full, point))
+
+
+def test_finetune_tiny_variant_on_a_diffusers_folder(tmp_path, data_dir, checkpoints):
+    folder, _ = checkpoints["sd1"]
+    workdir = tmp_path / "ft"
+    result = run_train(workdir, data_dir, f"--config.model.pretrained={folder}",
+                       config="configs/sd15_finetune.py:tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported, base = sdjax.load(str(workdir / "export")), sdjax.load(folder)
+    assert exported.configs == base.configs
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax_leaves(exported.params["unet"]), jax_leaves(base.params["unet"]))]
+    assert max(moved) > 0  # the UNet was trained
+    for a, b in zip(jax_leaves(exported.params["vae"]), jax_leaves(base.params["vae"])):
+        np.testing.assert_array_equal(a, b)  # the VAE stayed frozen
+    result = run_train(tmp_path / "none", data_dir, config="configs/sd15_finetune.py:tiny")
+    assert result.returncode == 2 and "model.pretrained is empty" in result.stderr

@@ -1,0 +1,67 @@
+"""Train (or fine-tune) Stable Diffusion from a config file; re-running on a workdir resumes it.
+
+    python train.py --config configs/tiny.py --workdir runs/tiny
+    python train.py --config configs/sd15_finetune.py:/path/to/sd15 --workdir runs/ft --config.optimizer.learning_rate=5e-6
+    python train.py --config configs/tiny.py --workdir runs/sweep --sweep list     (or --sweep 2, --sweep all)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally file.py:arg",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, export (resumed if it exists)")
+_SWEEP = flags.DEFINE_string("sweep", None, "'list' prints the config file's sweep points; an index runs that point "
+                                            "in workdir/sweep_<i>; 'all' runs every point in turn")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save and read at INFO
+    import importlib.util
+
+    from sdjax.train.config import apply_overrides, sweep_points
+    from sdjax.train.loop import TrainingError, train
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]  # drop the :arg
+    spec = importlib.util.spec_from_file_location("sdjax_run_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    points = sweep_points(module)
+    try:
+        if _SWEEP.value == "list":
+            if not points:
+                print(f"{config_path} declares no sweep")
+            for i, point in enumerate(points):
+                print(f"{i}: {point}")
+            return 0
+        if _SWEEP.value is None:
+            runs = [(config, workdir)]
+        elif _SWEEP.value == "all":
+            runs = [(apply_overrides(config, p), os.path.join(workdir, f"sweep_{i}")) for i, p in enumerate(points)]
+        elif _SWEEP.value.isdigit() and int(_SWEEP.value) < len(points):
+            i = int(_SWEEP.value)
+            runs = [(apply_overrides(config, points[i]), os.path.join(workdir, f"sweep_{i}"))]
+        else:
+            raise ValueError(f"--sweep {_SWEEP.value!r}: expected 'list', 'all' or an index below {len(points)}")
+        for run_config, run_dir in runs:
+            if len(runs) > 1:
+                print(f"sweep point {run_dir}")
+            train(run_config, run_dir)
+    except (ValueError, TrainingError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
