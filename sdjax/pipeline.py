@@ -214,8 +214,17 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
     program = sd.programs.get(plan)
     if program is None:
         program = sd.programs[plan] = build_program(sd, plan, sched)
-    images = program(sd.params, sd.tokenize(prompts), sd.tokenize(negative_prompts), image_keys(seeds),
-                     jnp.float32(guidance_scale), jnp.asarray(latents, jnp.float32),
-                     None if init_image is None else jnp.asarray(init_image),
-                     None if mask is None else jnp.asarray(mask))
+    per_image = [sd.tokenize(prompts), sd.tokenize(negative_prompts), image_keys(seeds),
+                 np.asarray(latents, np.float32), init_image, mask]
+    if sd.mesh is None:
+        return np.asarray(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:]))
+    from sdjax.parallel import activate, batch_divisor, batch_sharding
+
+    ways = batch_divisor(sd.mesh, sd.rules)
+    if n % ways:
+        raise ValueError(f"{n} images cannot be split evenly over the {ways} ways the mesh splits the batch")
+    per_image = [None if x is None else jax.device_put(x, batch_sharding(sd.mesh, sd.rules, x.ndim))
+                 for x in per_image]
+    with activate(sd.mesh, sd.rules):
+        images = program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
     return np.asarray(images)

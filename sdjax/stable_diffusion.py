@@ -27,6 +27,8 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     model_index: dict[str, Any]
     programs: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled samplers by Plan
+    mesh: Any = None     # set by `shard`: sampling then runs with the image batch split over the mesh
+    rules: Any = None
 
     @property
     def configs(self) -> dict[str, Any]:
@@ -69,6 +71,21 @@ class StableDiffusion:
                         scheduler_options=scheduler_options, height=height, width=width, seed=seed,
                         latents=latents, init_image=init_image, strength=strength, mask=mask)
 
+    def shard(self, mesh: Any, rules: Any = None) -> "StableDiffusion":
+        """Places the parameters on `mesh` by logical-axis rules (default sdjax.parallel.DEFAULT_RULES);
+        `generate` then splits each image batch over the batch axes (its size must divide evenly)."""
+        from sdjax.models.params import logical_axes
+        from sdjax.parallel import DEFAULT_RULES, check_rules, param_shardings
+
+        rules = tuple(DEFAULT_RULES if rules is None else rules)
+        check_rules(rules)
+        modules = {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+        self.params = {n: jax.device_put(p, param_shardings(logical_axes(modules[n]), p, mesh, rules))
+                       for n, p in self.params.items()}
+        self.mesh, self.rules = mesh, rules
+        self.programs.clear()
+        return self
+
     def save(self, folder: str, dtype: Any = None) -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`."""
         params = jax.tree.map(np.asarray, self.params)
@@ -77,7 +94,7 @@ class StableDiffusion:
 
 
 def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "xla",
-         variant: str | None = None, allow_pickle: bool = False) -> StableDiffusion:
+         variant: str | None = None, allow_pickle: bool = False, to_device: bool = True) -> StableDiffusion:
     """Loads a Stable Diffusion 1.x/2.x checkpoint from a diffusers folder.
 
     Args:
@@ -87,6 +104,7 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
       attention_impl: "xla", "dot" or "cudnn" (see sdjax.models.attention).
       variant: weight-file variant, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
       allow_pickle: also read .bin/.ckpt weights (unpickling can run code: only for trusted files).
+      to_device: False keeps the parameters as host numpy arrays, to be placed (e.g. sharded) by the caller.
     """
     path = os.fspath(path)
     model_index = read_model_index(path)
@@ -95,7 +113,7 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
     for name in COMPONENTS:
         configs[name], tree = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
                                              allow_pickle=allow_pickle)
-        params[name] = jax.tree.map(jnp.asarray, tree)
+        params[name] = jax.tree.map(jnp.asarray, tree) if to_device else tree
     modules = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return StableDiffusion(

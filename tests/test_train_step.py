@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.train.build import build_model
+from sdjax.train.build import build_model, initial_params
 from sdjax.train.config import apply_overrides, base_config, check_keys
 from sdjax.train.loss import min_snr_weights, prediction_target
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -18,7 +18,8 @@ def setup(tmp_path_factory):
     config.batch_size = 4
     config.optimizer.warmup_steps = 0
     config.optimizer.learning_rate = 1e-3
-    sd = build_model(config.model, 0, str(tmp_path_factory.mktemp("tiny")))
+    sd = build_model(config.model, str(tmp_path_factory.mktemp("tiny")))
+    sd.params = initial_params(sd, 0)
     rng = np.random.default_rng(0)
     batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)),
              "input_ids": jnp.asarray(sd.tokenize(["a red circle", "", "a blue square", "x"]))}
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
 
 def _step(config, sd, batch, steps=1):
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(sd, config, tx)
+    state = init_state(sd.params, config, tx)
     step = jax.jit(make_train_step(sd, config, tx))
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -52,7 +53,7 @@ def test_non_finite_loss_skips_the_update(setup):
     config, sd, batch = setup
     bad = dict(batch, pixels=batch["pixels"].at[0, 0, 0, 0].set(jnp.nan))
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(sd, config, tx)
+    state = init_state(sd.params, config, tx)
     before = jax.tree.map(np.asarray, (state.params, state.ema, state.opt_state))
     step = jax.jit(make_train_step(sd, config, tx))
     state, metrics = step(state, bad)
@@ -104,3 +105,13 @@ def test_unknown_keys_are_errors():
         check_keys(config)
     with pytest.raises(ValueError, match="unknown config key 'rate'"):
         apply_overrides(base_config(), {"optimizer.rate": 1})
+
+
+def test_text_encoder_can_be_trained(setup):
+    config, sd, batch = setup
+    config = apply_overrides(config, {"model.train_text_encoder": True})
+    state, metrics = _step(config, sd, batch)
+    assert set(state.params) == {"unet", "text_encoder"} and set(state.frozen) == {"vae"}
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params["text_encoder"]),
+                                                          jax.tree.leaves(sd.params["text_encoder"]))]
+    assert max(moved) > 0

@@ -14,6 +14,9 @@ from sdjax.models.config import config_value, reject_unsupported
 from sdjax.models.layers import Dtype, conv, dense, group_norm
 from sdjax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from sdjax.models.transformer_2d import Transformer2DModel
+from sdjax.parallel import constrain
+
+ACTIVATION_AXES = ("batch", None, None, None)  # NHWC activations between blocks
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -170,7 +173,8 @@ class UNetBlock(nn.Module):
             outputs.append(x_nhwc)
         elif self.resample == "up":
             x_nhwc = Upsample2D(self.channels, name="upsamplers_0", **kw)(x_nhwc, upsample_size)
-        return x_nhwc, outputs
+        # Block boundary: keep activations batch-sharded (a no-op unless a mesh and rules are active).
+        return constrain(x_nhwc, ACTIVATION_AXES), outputs
 
 
 class MidBlock(nn.Module):
@@ -190,7 +194,8 @@ class MidBlock(nn.Module):
         x_nhwc = transformer_cls(heads, channels // heads, cfg.transformer_layers_per_block[-1], cfg.norm_num_groups,
                                  cfg.use_linear_projection, cfg.upcast_attention, self.attention_impl,
                                  name="attentions_0", **kw)(x_nhwc, context_blc)
-        return resnet_cls(channels, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x_nhwc, temb)
+        x_nhwc = resnet_cls(channels, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x_nhwc, temb)
+        return constrain(x_nhwc, ACTIVATION_AXES)
 
 
 class TimestepEmbedding(nn.Module):

@@ -23,16 +23,19 @@ SD_SCHEDULE = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "bet
                "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 
 
-def build_model(model: ml_collections.ConfigDict, seed: int, workdir: str) -> StableDiffusion:
-    """The starting model (float32 parameters; compute in model.dtype).
+def build_model(model: ml_collections.ConfigDict, workdir: str) -> StableDiffusion:
+    """The starting model (compute in model.dtype). Its `params` are the checkpoint's, as float32 host
+    arrays, or empty from scratch (see `initial_params`, which the trainer runs under jit with
+    sharded outputs, so no device ever holds the whole model).
 
     From scratch, the tokenizer is model.tokenizer (a folder) or a byte-level BPE written to
-    workdir/tokenizer, and all three networks are initialised from `seed`.
+    workdir/tokenizer.
     """
     dtype = jnp.dtype(model.dtype)
     modules = dict(dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl)
     if model.pretrained:
-        sd = sdjax.load(model.pretrained, dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl)
+        sd = sdjax.load(model.pretrained, dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl,
+                        to_device=False)
     else:
         if not model.architecture:
             raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
@@ -46,13 +49,17 @@ def build_model(model: ml_collections.ConfigDict, seed: int, workdir: str) -> St
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(preset["text_encoder"], "preset"), **modules)
         vae = AutoencoderKL(VAEConfig.from_dict(preset["vae"], "preset"), **modules)
         unet = UNet2DConditionModel(UNetConfig.from_dict(preset["unet"], "preset"), **modules)
-        keys = jax.random.split(jax.random.key(seed), 3)
-        params = {name: init_params(module, key)
-                  for (name, module), key in zip((("text_encoder", text_encoder), ("vae", vae), ("unet", unet)), keys)}
-        sd = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, params=params,
+        sd = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, params={},
                              scheduler_config=dict(SD_SCHEDULE), model_index=default_model_index("DDIMScheduler"))
     if model.prediction_type:
         sd.scheduler_config = dict(sd.scheduler_config, prediction_type=model.prediction_type)
     if model.remat:
         sd.unet = sd.unet.clone(remat=True)
     return sd
+
+
+def initial_params(sd: StableDiffusion, seed: int) -> dict:
+    """Random parameters of the three networks from `seed` (jittable)."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return {name: init_params(module, key) for (name, module), key in
+            zip((("text_encoder", sd.text_encoder), ("vae", sd.vae), ("unet", sd.unet)), keys)}

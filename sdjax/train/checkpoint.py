@@ -79,3 +79,14 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_state(workdir: str, step: int) -> dict[str, Any]:
+    """The state saved at `step` in a run's workdir as host numpy arrays, whatever mesh saved it
+    (restored onto this process's first device: for inspection and tests, not for big models)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.device_get(checkpointer.restore(directory, target))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import ml_collections
 
 from sdjax.data.pipeline import default_data_config
+from sdjax.parallel import mesh_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"
 
     c.data = default_data_config()
+    c.mesh = mesh_config()          # data / fsdp / tensor sizes and the logical-axis rules
 
     c.loss = ml_collections.ConfigDict()
     c.loss.min_snr_gamma = 0.0      # 0 = plain MSE; Hang et al. 2023 suggest 5

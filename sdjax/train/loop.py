@@ -19,7 +19,9 @@ import ml_collections
 import numpy as np
 
 from sdjax.data.pipeline import make_iterator, make_source
+from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops
+from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh
 from sdjax.train import faults
 from sdjax.train.build import build_model
 from sdjax.train.checkpoint import Checkpoints, fingerprint
@@ -27,7 +29,8 @@ from sdjax.train.config import check_keys
 from sdjax.train.metrics_writer import MetricWriter
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.progress import Progress
-from sdjax.train.step import TrainState, init_state, make_train_step, trained_names
+from sdjax.train.placement import create_state, replicated
+from sdjax.train.step import TrainState, make_train_step, trained_names
 
 
 class TrainingError(RuntimeError):
@@ -37,9 +40,12 @@ class TrainingError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a run would otherwise hit later, raised before any compute."""
     check_keys(config)
-    devices, processes = jax.device_count(), jax.process_count()
-    if config.batch_size < 1 or config.batch_size % devices:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the device count {devices}")
+    processes = jax.process_count()
+    mesh = make_mesh(config.mesh)
+    ways = batch_divisor(mesh, config.mesh.rules)
+    if config.batch_size < 1 or config.batch_size % ways:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ways} ways the mesh "
+                         f"{dict(mesh.shape)} splits the batch")
     if config.batch_size % (config.grad_accum_steps * processes):
         raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
                          f"{config.grad_accum_steps} x processes {processes}")
@@ -70,7 +76,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     make_source(config.data)  # a missing dataset or feature key fails here, before the model is built
-    sd = build_model(config.model, config.seed, workdir)
+    mesh = make_mesh(config.mesh)
+    rules = config.mesh.rules
+    sd = build_model(config.model, workdir)
     trained = trained_names(config)
     model_id = fingerprint(sd, trained)
     checkpoints = Checkpoints(workdir, config.checkpoint)
@@ -84,16 +92,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data = make_iterator(config.data, sd.tokenize, global_batch_size=config.batch_size, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(sd, config, tx)
+    state, shardings = create_state(sd, config, tx, mesh)
     sd.params = {}  # all parameters now live in the state, whose buffers each step donates
     if latest is not None:
         state, data_state = checkpoints.restore(latest, state)
         data.set_state(data_state)
         print(f"resumed from {checkpoints.directory} at step {latest}", flush=True)
 
-    step_fn = jax.jit(make_train_step(sd, config, tx), donate_argnums=0)
-    batch = jax.tree.map(jnp.asarray, next(data))
-    compiled = step_fn.lower(state, batch).compile()
+    step_fn = jax.jit(make_train_step(sd, config, tx), donate_argnums=0,
+                      out_shardings=(shardings, replicated(mesh)))
+    batch = global_batch(next(data), mesh, rules)
+    with activate(mesh, rules):
+        compiled = step_fn.lower(state, batch).compile()
     flops_per_step = compiled_flops(compiled)
     peak = measured_peak_flops(config.model.dtype) * jax.device_count()
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
@@ -125,7 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           "lr": float(schedule(step - 1)), "step_time": elapsed / window_steps,
                           "images_per_second": config.batch_size * window_steps / elapsed,
                           "mfu": flops_per_step * window_steps / elapsed / peak if flops_per_step else 0.0,
-                          "skipped_steps": window_steps * (1 - means["finite"])}
+                          "skipped_steps": window_steps * (1 - means["finite"]),
+                          "unreadable_images": unreadable_images_skipped()}
                 writer.write_scalars(step, logged)
                 progress.update(step, logged)
                 window, window_start, window_steps = [], time.perf_counter(), 0
@@ -136,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 checkpoints.save(state, data.get_state(), model_id)
                 faults.maybe_kill("save", step)
             if step < config.total_steps:  # after the save, whose data state must not count this batch
-                batch = jax.tree.map(jnp.asarray, next(data))  # loads while the dispatched step runs
+                batch = global_batch(next(data), mesh, rules)  # loads while the dispatched step runs
         if previous is not None and int(previous["bad_steps"]) >= config.optimizer.max_bad_steps:
             raise TrainingError(f"stopped at step {step}: the loss or gradient was non-finite "
                                 f"{config.optimizer.max_bad_steps} steps in a row")

@@ -38,14 +38,15 @@ def trained_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
 
 
-def init_state(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
-    """The step-0 state from a built model (sdjax.train.build.build_model)."""
+def init_state(params: dict[str, Any], config: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation) -> TrainState:
+    """The step-0 state from the three networks' parameters (jittable, so it can run with sharded outputs)."""
     names = trained_names(config)
-    params = {n: sd.params[n] for n in names}
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params),
+    trained = {n: params[n] for n in names}
+    return TrainState(step=jnp.int32(0), params=trained, opt_state=tx.init(trained),
+                      ema=jax.tree.map(jnp.copy, trained),
                       rng=jax.random.key_data(jax.random.key(config.seed)), bad_steps=jnp.int32(0),
-                      frozen={n: p for n, p in sd.params.items() if n not in names})
+                      frozen={n: p for n, p in params.items() if n not in names})
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:

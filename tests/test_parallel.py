@@ -1,0 +1,134 @@
+"""Sharding over meshes: partition specs by rule, and the same training and sampling results on one
+device and on 8 (XLA's forced host devices) under data, fsdp and tensor parallelism."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sdjax import parallel
+from sdjax.models import UNet2DConditionModel, UNetConfig, CLIPTextModel, CLIPTextConfig, AutoencoderKL, VAEConfig
+from sdjax.models.params import abstract_params, logical_axes
+from sdjax.models.presets import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mesh(**sizes):
+    """Only the axis sizes matter to spec_for."""
+    return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1} | sizes)
+
+
+def _spec(module, path, mesh):
+    logical, shapes = logical_axes(module), abstract_params(module)
+    for key in path:
+        logical, shapes = logical[key], shapes[key]
+    return parallel.spec_for(logical, shapes.shape, mesh, parallel.DEFAULT_RULES)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    preset = PRESETS["sd15"]
+    return (UNet2DConditionModel(UNetConfig.from_dict(preset["unet"])),
+            AutoencoderKL(VAEConfig.from_dict(preset["vae"])),
+            CLIPTextModel(CLIPTextConfig.from_dict(preset["text_encoder"])))
+
+
+def test_partition_specs_of_full_size_weights(sd15):
+    unet, vae, clip = sd15
+    attn = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1")
+    fsdp, tensor = _mesh(fsdp=8), _mesh(tensor=4)
+    assert _spec(unet, ("down_blocks_0", "resnets_0", "conv1", "kernel"), fsdp) == P(None, None, None, "fsdp")
+    assert _spec(unet, attn + ("to_q", "kernel"), fsdp) == P("fsdp", None)
+    assert _spec(unet, attn + ("to_q", "kernel"), tensor) == P(None, "tensor")
+    assert _spec(unet, attn + ("to_out_0", "kernel"), tensor) == P("tensor", None)
+    ff = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "ff")
+    assert _spec(unet, ff + ("net_0", "proj", "kernel"), _mesh(fsdp=2, tensor=2)) == P("fsdp", "tensor")
+    assert _spec(unet, ("down_blocks_0", "resnets_0", "norm1", "scale"), fsdp) == P(None)  # replicated
+    assert _spec(vae, ("decoder", "conv_out", "kernel"), fsdp) == P(None, None, None, None)  # 3 RGB channels
+    assert _spec(vae, ("encoder", "conv_in", "kernel"), fsdp) == P(None, None, None, "fsdp")
+    layer = ("text_model", "encoder", "layers_0") if "text_model" in logical_axes(clip) else ("encoder", "layers_0")
+    assert _spec(clip, layer + ("mlp", "fc1", "kernel"), tensor) == P(None, "tensor")
+    assert _spec(clip, layer + ("self_attn", "q_proj", "kernel"), fsdp) == P("fsdp", None)
+
+
+def test_mesh_and_rule_errors():
+    cfg = parallel.mesh_config()
+    cfg.data, cfg.fsdp = 3, 1
+    with pytest.raises(ValueError, match="do not divide the 1 devices"):
+        parallel.make_mesh(cfg)
+    cfg.data, cfg.fsdp = -1, -1
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        parallel.make_mesh(cfg)
+    with pytest.raises(ValueError, match="'heads' -> 'model': unknown mesh axis"):
+        parallel.check_rules((("batch", "data"), ("heads", "model")))
+
+
+def _run(*args, devices=8, **env):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+def _train(workdir, data_dir, devices, *mesh):
+    result = _run(os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+                  "--config.total_steps=3", "--config.batch_size=8", "--config.log.every_steps=1",
+                  "--config.log.progress_bar=False", "--config.log.preview_every_steps=0",
+                  "--config.export.at_end=False", *mesh, devices=devices, SDJAX_DATA_DIR=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    import jax
+
+    from sdjax.train.checkpoint import read_state
+
+    return losses, [np.asarray(x) for x in jax.tree.leaves(read_state(workdir, 3)["params"])]
+
+
+MESHES = {"data8": ["--config.mesh.data=8"],
+          "fsdp8": ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
+          "d2f2t2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]}
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, data_dir):
+    return _train(str(tmp_path_factory.mktemp("one")), data_dir, 1)
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_three_train_steps_match_one_device(tmp_path, data_dir, single_device_run, name):
+    ref_losses, ref_params = single_device_run
+    losses, params = _train(str(tmp_path), data_dir, 8, *MESHES[name])
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(params, ref_params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_sampling_matches_one_device(tmp_path, checkpoints):
+    folder, _ = checkpoints["sd1"]
+    script = tmp_path / "sample.py"
+    script.write_text(
+        "import sys, numpy as np, jax, sdjax\n"
+        "from sdjax import parallel\n"
+        "sd = sdjax.load(sys.argv[1])\n"
+        "if jax.device_count() > 1:\n"
+        "    c = parallel.mesh_config(); c.data = 4; c.fsdp = 2\n"
+        "    sd.shard(parallel.make_mesh(c))\n"
+        "    assert sd.params['unet']['conv_in']['kernel'].sharding.spec[-1] == 'fsdp'\n"
+        "imgs = sd.generate([f'prompt {i}' for i in range(8)], num_steps=3, scheduler='euler_ancestral',\n"
+        "                   height=32, width=32, seed=3)\n"
+        "np.save(sys.argv[2], imgs)\n")
+    for devices in (1, 8):
+        result = _run(str(script), folder, str(tmp_path / f"{devices}.npy"), devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, eight = np.load(tmp_path / "1.npy"), np.load(tmp_path / "8.npy")
+    assert np.abs(one - eight).max() < 1e-4
