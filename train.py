@@ -3,6 +3,8 @@
     python train.py --config configs/tiny.py --workdir runs/tiny
     python train.py --config configs/sd15_finetune.py:/path/to/sd15 --workdir runs/ft --config.optimizer.learning_rate=5e-6
     python train.py --config configs/tiny.py --workdir runs/sweep --sweep list     (or --sweep 2, --sweep all)
+    python train.py ... --multihost        (every host of a Cloud TPU pod slice runs the same command)
+    python train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0   (GPU hosts)
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally file.py:arg",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, export (resumed if it exists)")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "join a multi-host run with jax.distributed (auto-detected on "
+                                                  "Cloud TPU; elsewhere also give the three flags below)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 _SWEEP = flags.DEFINE_string("sweep", None, "'list' prints the config file's sweep points; an index runs that point "
                                             "in workdir/sweep_<i>; 'all' runs every point in turn")
 
@@ -27,9 +34,12 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save and read at INFO
     import importlib.util
 
+    from sdjax.parallel import initialize_processes
     from sdjax.train.config import apply_overrides, sweep_points
     from sdjax.train.loop import TrainingError, train
 
+    if _MULTIHOST.value or _COORDINATOR.value:
+        initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     config_path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]  # drop the :arg
     spec = importlib.util.spec_from_file_location("sdjax_run_config", config_path)

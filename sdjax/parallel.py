@@ -155,3 +155,31 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Activation sharding hint by logical names; a no-op outside `activate`."""
     return nn.with_logical_constraint(x, names)
+
+
+def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+    """Joins a multi-host run (jax.distributed). With no arguments JAX detects the cluster itself
+    (Cloud TPU, SLURM, ...); on a GPU cluster or localhost give all three."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError("multi-host: give coordinator_address, num_processes and process_id together")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of (possibly multi-host sharded) arrays; every process must call it."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

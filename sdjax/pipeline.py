@@ -216,9 +216,10 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
         program = sd.programs[plan] = build_program(sd, plan, sched)
     per_image = [sd.tokenize(prompts), sd.tokenize(negative_prompts), image_keys(seeds),
                  np.asarray(latents, np.float32), init_image, mask]
+    from sdjax.parallel import activate, batch_divisor, batch_sharding, to_host
+
     if sd.mesh is None:
-        return np.asarray(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:]))
-    from sdjax.parallel import activate, batch_divisor, batch_sharding
+        return to_host(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:]))
 
     ways = batch_divisor(sd.mesh, sd.rules)
     if n % ways:
@@ -227,4 +228,4 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
                  for x in per_image]
     with activate(sd.mesh, sd.rules):
         images = program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
-    return np.asarray(images)
+    return to_host(images)

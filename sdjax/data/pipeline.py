@@ -6,9 +6,11 @@
     batch = next(it)   # {"pixels": f32 (B_local, R, R, 3) in [-1, 1], "input_ids": i32 (B_local, L)}
     state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes bitwise
 
-Stream order per host: its shard of the split (every process_count-th record), shuffled by the
-seed, repeated forever (reshuffled each epoch), preprocessed with randomness drawn from
-(seed, process_index, position), unreadable images dropped, then batched with drop_remainder.
+Stream order: one global stream — the split shuffled by the seed, repeated forever (reshuffled each
+epoch), preprocessed with randomness drawn from (seed, global position) — cut into global batches;
+host h reads rows [h * B_local, (h + 1) * B_local) of each. So the global batch, and with it the
+training run, is the same whatever the number of hosts (as long as no image is unreadable: a
+dropped example shifts that host's later rows).
 
 Sources "shapes" and "folder" build their TFDS dataset on first use (a no-op once built). With
 several hosts sharing one data_dir, build it beforehand with `python -m sdjax.data.prepare`, so
@@ -132,16 +134,38 @@ def _derived_seed(*numbers: int) -> int:
     return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1)[0])
 
 
+class _HostRows(grain.MapDataset):
+    """This host's rows of each global batch of `parent`, in order."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int, process_index: int):
+        super().__init__(parent)
+        self._global, self._local, self._offset = global_batch, local_batch, process_index * local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._offset + row]
+
+    def __str__(self) -> str:
+        return f"HostRows(global={self._global}, local={self._local}, offset={self._offset})"
+
+
 def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
-    """This host's infinite stream of preprocessed examples {"image": uint8 (R, R, 3), "caption": str}.
+                 process_count: int = 1, global_batch_size: int | None = None) -> grain.MapDataset:
+    """This host's infinite stream of preprocessed examples {"image": uint8 (R, R, 3), "caption": str}:
+    its rows of each global batch (of global_batch_size; default process_count, i.e. one row each).
 
     Positions whose image cannot be decoded hold None; `make_iterator` drops them.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
-    if len(source) < process_count:
-        raise ValueError(f"data.split: {len(source)} example(s) cannot be shared among {process_count} processes")
+    global_batch_size = global_batch_size or process_count
+    if len(source) < global_batch_size:
+        raise ValueError(f"data.split: {len(source)} example(s) cannot fill a global batch of {global_batch_size}")
     preprocess = Preprocess(
         image_key=data_config.image_key,
         caption_key=data_config.caption_key,
@@ -150,11 +174,12 @@ def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_inde
         flip=bool(data_config.flip),
         caption_dropout=float(data_config.caption_dropout),
     )
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
-    # Same shuffle seed on every host (their shards differ anyway); augmentation seeds differ per
-    # host, so that hosts do not flip or drop captions in lockstep.
-    dataset = dataset.shuffle(seed=_derived_seed(seed, 0)).repeat()
-    return dataset.random_map(preprocess, seed=_derived_seed(seed, 1, process_index))
+    dataset = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0)).repeat()
+    # Augmentation randomness by global position, so that it too ignores the number of hosts.
+    dataset = dataset.random_map(preprocess, seed=_derived_seed(seed, 1))
+    if process_count == 1:
+        return dataset
+    return _HostRows(dataset, global_batch_size, global_batch_size // process_count, process_index)
 
 
 class _Collate:
@@ -189,7 +214,8 @@ def make_iterator(data_config, tokenize_fn: TokenizeFn, *, global_batch_size: in
                          f"process_count {process_count}")
     batch_size = global_batch_size // process_count
     source = make_source(data_config)
-    examples = make_dataset(data_config, source, seed=seed, process_index=process_index, process_count=process_count)
+    examples = make_dataset(data_config, source, seed=seed, process_index=process_index, process_count=process_count,
+                            global_batch_size=global_batch_size)
     read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                      prefetch_buffer_size=int(data_config.prefetch_buffer))
     dataset = examples.to_iter_dataset(read_options)  # drops the None of unreadable images

@@ -21,7 +21,7 @@ import numpy as np
 from sdjax.data.pipeline import make_iterator, make_source
 from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops
-from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh
+from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
 from sdjax.train import faults
 from sdjax.train.build import build_model
 from sdjax.train.checkpoint import Checkpoints, fingerprint
@@ -57,14 +57,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def export(sd, state: TrainState, folder: str) -> None:
-    """Writes the EMA weights (with the frozen networks) as a diffusers folder."""
-    params = jax.device_get({**state.frozen, **state.ema})
-    dataclasses.replace(sd, params=params, programs={}).save(folder)
+    """Writes the EMA weights (with the frozen networks) as a diffusers folder (every process calls
+    this; process 0 writes)."""
+    params = to_host({**state.frozen, **state.ema})
+    if jax.process_index() == 0:
+        dataclasses.replace(sd, params=params, programs={}, mesh=None).save(folder)
 
 
 def _preview(sd, state: TrainState, config: ml_collections.ConfigDict, programs: dict) -> np.ndarray:
     """Images for the fixed preview prompts from the current EMA weights (fixed seeds)."""
-    view = dataclasses.replace(sd, params={**state.frozen, **state.ema}, programs=programs)
+    view = dataclasses.replace(sd, params={**state.frozen, **state.ema}, programs=programs, mesh=None)
     side = config.data.resolution
     return view.generate(list(config.log.preview_prompts), num_steps=config.log.preview_steps,
                          guidance_scale=config.log.preview_guidance, height=side, width=side, seed=0)
@@ -75,7 +77,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
-    make_source(config.data)  # a missing dataset or feature key fails here, before the model is built
+    if lead:  # builds "shapes"/"folder" datasets once; a missing dataset or feature key fails here
+        make_source(config.data)
+    sync_processes("dataset ready")
+    make_source(config.data)
     mesh = make_mesh(config.mesh)
     rules = config.mesh.rules
     sd = build_model(config.model, workdir)
@@ -140,8 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(step, logged)
                 progress.update(step, logged)
                 window, window_start, window_steps = [], time.perf_counter(), 0
-            if config.log.preview_every_steps and step % config.log.preview_every_steps == 0 and lead:
-                writer.write_images(step, {"preview": _preview(sd, state, config, previews)})
+            if config.log.preview_every_steps and step % config.log.preview_every_steps == 0:
+                writer.write_images(step, {"preview": _preview(sd, state, config, previews)})  # process 0 writes
                 window_start = time.perf_counter()  # keep sampling time out of the step time
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 checkpoints.save(state, data.get_state(), model_id)
@@ -153,9 +158,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 f"{config.optimizer.max_bad_steps} steps in a row")
         checkpoints.wait()
         export_dir = os.path.join(workdir, "export")
-        if config.export.at_end and lead and not os.path.exists(export_dir):
+        if config.export.at_end and not os.path.exists(export_dir):
             export(sd, state, export_dir)
-            print(f"exported the EMA weights to {export_dir}")
+            if lead:
+                print(f"exported the EMA weights to {export_dir}")
     finally:
         progress.close()
         writer.close()
