@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 
 def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled jax program, from XLA's cost analysis (0 if unavailable)."""
+    """FLOPs of one call of a compiled jax program on one device, from XLA's cost analysis (0 if
+    unavailable). XLA counts a loop body (lax.scan / while) once, not once per iteration."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device program
         analysis = analysis[0] if analysis else {}

@@ -140,8 +140,10 @@ def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
                 # Regular UNet: after each step, put back the kept region noised to the next step's level.
                 a, b = (jnp.asarray(c) for c in noise_coefficients(sched))
 
-                def post_step(x, i):
+                def blend(x, i):
                     return latent_mask * x + (1 - latent_mask) * (a[i + 1] * init + b[i + 1] * noise)
+
+                post_step = blend
 
         latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step)
         images = vae.apply({"params": params["vae"]}, latents / scale, method="decode")

@@ -31,11 +31,9 @@ def build_model(model: ml_collections.ConfigDict, workdir: str) -> StableDiffusi
     From scratch, the tokenizer is model.tokenizer (a folder) or a byte-level BPE written to
     workdir/tokenizer.
     """
-    dtype = jnp.dtype(model.dtype)
-    modules = dict(dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl)
     if model.pretrained:
-        sd = sdjax.load(model.pretrained, dtype=dtype, param_dtype=jnp.float32, attention_impl=model.attention_impl,
-                        to_device=False)
+        sd = sdjax.load(model.pretrained, dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32,
+                        attention_impl=model.attention_impl, to_device=False)
     else:
         if not model.architecture:
             raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
@@ -46,11 +44,26 @@ def build_model(model: ml_collections.ConfigDict, workdir: str) -> StableDiffusi
                      else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
         preset = copy.deepcopy(PRESETS[model.architecture])
         preset["text_encoder"].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(preset["text_encoder"], "preset"), **modules)
-        vae = AutoencoderKL(VAEConfig.from_dict(preset["vae"], "preset"), **modules)
-        unet = UNet2DConditionModel(UNetConfig.from_dict(preset["unet"], "preset"), **modules)
-        sd = StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, params={},
-                             scheduler_config=dict(SD_SCHEDULE), model_index=default_model_index("DDIMScheduler"))
+        configs = {"text_encoder": CLIPTextConfig.from_dict(preset["text_encoder"], "preset"),
+                   "vae": VAEConfig.from_dict(preset["vae"], "preset"),
+                   "unet": UNetConfig.from_dict(preset["unet"], "preset")}
+        return assemble(configs, model, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULE),
+                        model_index=default_model_index("DDIMScheduler"))
+    return with_training_options(sd, model)
+
+
+def assemble(configs: dict, model: ml_collections.ConfigDict, *, tokenizer, scheduler_config: dict,
+             model_index: dict) -> StableDiffusion:
+    """A StableDiffusion without parameters from the three typed configs, set up as `model` says."""
+    kw = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32, attention_impl=model.attention_impl)
+    sd = StableDiffusion(tokenizer=tokenizer, text_encoder=CLIPTextModel(configs["text_encoder"], **kw),
+                         vae=AutoencoderKL(configs["vae"], **kw), unet=UNet2DConditionModel(configs["unet"], **kw),
+                         params={}, scheduler_config=scheduler_config, model_index=model_index)
+    return with_training_options(sd, model)
+
+
+def with_training_options(sd: StableDiffusion, model: ml_collections.ConfigDict) -> StableDiffusion:
+    """Applies the config's prediction-type override and UNet remat."""
     if model.prediction_type:
         sd.scheduler_config = dict(sd.scheduler_config, prediction_type=model.prediction_type)
     if model.remat:

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -40,20 +39,24 @@ class TrainingError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a run would otherwise hit later, raised before any compute."""
     check_keys(config)
-    processes = jax.process_count()
-    mesh = make_mesh(config.mesh)
-    ways = batch_divisor(mesh, config.mesh.rules)
-    if config.batch_size < 1 or config.batch_size % ways:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ways} ways the mesh "
-                         f"{dict(mesh.shape)} splits the batch")
-    if config.batch_size % (config.grad_accum_steps * processes):
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
-                         f"{config.grad_accum_steps} x processes {processes}")
+    check_batch(config, make_mesh(config.mesh))
     if config.total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
     for key in ("every_steps", "keep_last"):
         if config.checkpoint[key] < 1:
             raise ValueError(f"checkpoint.{key} must be >= 1, got {config.checkpoint[key]}")
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """The global batch must split into micro-batches that split evenly over the hosts and the mesh."""
+    ways, processes = batch_divisor(mesh, config.mesh.rules), jax.process_count()
+    if config.batch_size < 1 or config.batch_size % ways:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ways} ways the mesh "
+                         f"{dict(mesh.shape)} splits the batch")
+    if config.batch_size % (config.grad_accum_steps * processes * ways):
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
+                         f"{config.grad_accum_steps} x processes {processes} x batch ways {ways}: each "
+                         "micro-batch must split evenly over the mesh")
 
 
 def export(sd, state: TrainState, folder: str) -> None:
@@ -104,13 +107,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         data.set_state(data_state)
         print(f"resumed from {checkpoints.directory} at step {latest}", flush=True)
 
-    step_fn = jax.jit(make_train_step(sd, config, tx), donate_argnums=0,
+    step_fn = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
                       out_shardings=(shardings, replicated(mesh)))
     batch = global_batch(next(data), mesh, rules)
     with activate(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
-    flops_per_step = compiled_flops(compiled)
-    peak = measured_peak_flops(config.model.dtype) * jax.device_count()
+    # Per device; XLA counts the scanned micro-batch body once.
+    flops_per_step = compiled_flops(compiled) * config.grad_accum_steps
+    peak = measured_peak_flops(config.model.dtype)  # one device's
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
 
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=lead)

@@ -56,9 +56,10 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1 + step) / (10 + step))
 
 
-def make_train_step(sd, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure step for this model and config (jit it with donate_argnums=0)."""
+def make_train_step(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step for this model and config (jit it with donate_argnums=0). `param_shardings`
+    (the trained params' shardings) keep accumulated gradients sharded like the parameters."""
     schedule = ScheduleConfig.from_dict(sd.scheduler_config)
     abar = jnp.asarray(alphas_cumprod(schedule))
     num_timesteps = schedule.num_train_timesteps
@@ -96,14 +97,19 @@ def make_train_step(sd, config: ml_collections.ConfigDict,
         rand = draws(key, batch["pixels"])
         if accum == 1:
             return grad_fn(params, frozen, batch, rand)
-        split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+        # Micro-batch k takes rows k, k + accum, ...: every device holds rows of every micro-batch, so
+        # each one stays split over the whole batch mesh (contiguous blocks would sit on a few devices).
+        split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+        # Without these constraints GSPMD may keep the scan's accumulator replicated under FSDP.
+        like_params = ((lambda tree: jax.tree.map(jax.lax.with_sharding_constraint, tree, param_shardings))
+                       if param_shardings is not None else (lambda tree: tree))
 
         def body(carry, micro):
             loss, grads = grad_fn(params, frozen, *micro)
             total_loss, total_grads = carry
-            return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+            return (total_loss + loss, like_params(jax.tree.map(jnp.add, total_grads, like_params(grads)))), None
 
-        zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
+        zeros = (jnp.float32(0), like_params(jax.tree.map(jnp.zeros_like, params)))
         (loss, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, (batch, rand)))
         return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 

@@ -1,0 +1,337 @@
+"""Memory and FLOP plans: a run's train step and sampling program compiled ahead of time for a mesh.
+
+Parameters, optimizer state and inputs are abstract (jax.ShapeDtypeStruct with their shardings),
+so a full-size model is planned without allocating its weights. XLA's analyses of the compiled,
+SPMD-partitioned programs give per-device memory (arguments, outputs, temporaries, generated code)
+and FLOPs; the state's bytes per device are computed from the shardings. XLA's cost analysis counts a
+loop body once, so the plans add the other iterations (accumulated micro-batches, denoising steps).
+
+The numbers come from whichever backend compiles: on a CPU host with forced devices they are XLA
+CPU's, which approximate TPU/GPU (other fusion, layouts and rematerialisation decisions).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
+from sdjax.flops import compiled_flops
+from sdjax.models.params import abstract_params, logical_axes
+from sdjax.models.presets import PRESETS
+from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
+from sdjax.stable_diffusion import StableDiffusion
+from sdjax.train.build import SD_SCHEDULE, assemble
+
+GIB = 2 ** 30
+STATE_GROUPS = ("params", "opt_state", "ema", "frozen")
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=1,fsdp=8' -> {"data": 1, "fsdp": 8, "tensor": 1}: axes left out are 1; one may be -1 (the rest)."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    seen = set()
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not name:
+            raise ValueError(f"--mesh {spec!r}: expected AXIS=SIZE[,AXIS=SIZE...], e.g. data=1,fsdp=8")
+        if name not in sizes:
+            raise ValueError(f"--mesh {spec!r}: unknown mesh axis {name!r} (known: {', '.join(MESH_AXES)})")
+        if name in seen:
+            raise ValueError(f"--mesh {spec!r}: axis {name!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: size of {name!r} must be an integer, got {value!r}") from None
+        if size < 1 and size != -1:
+            raise ValueError(f"--mesh {spec!r}: size of {name!r} must be >= 1 or -1, got {size}")
+        seen.add(name)
+        sizes[name] = size
+    return sizes
+
+
+def choose_architecture(model: ml_collections.ConfigDict, flag: str | None, config_path: str) -> tuple[str | None, str]:
+    """(preset name or None for model.pretrained, why). The rule, first match wins:
+    --architecture; config model.pretrained (its config.json files, no weights read);
+    config model.architecture; the config file name's first word (sd15_finetune.py -> sd15)."""
+    if flag:
+        if flag not in PRESETS:
+            raise ValueError(f"--architecture {flag!r} is unknown; known: {', '.join(PRESETS)}")
+        return flag, f"{flag} preset (--architecture)"
+    if model.pretrained:
+        return None, f"{model.pretrained} (architecture from its config.json files; no weights read)"
+    if model.architecture:
+        if model.architecture not in PRESETS:
+            raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
+        return model.architecture, f"{model.architecture} preset (config model.architecture)"
+    guess = os.path.basename(config_path).split("_")[0].split(".")[0]
+    if guess in PRESETS:
+        return guess, f"{guess} preset (from the config file's name; --architecture picks another)"
+    raise ValueError(f"{config_path} names no model (model.pretrained and model.architecture are empty): "
+                     f"pass --architecture, one of {', '.join(PRESETS)}")
+
+
+def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -> StableDiffusion:
+    """The run's networks without parameters (`params` stays empty), configured as build_model would
+    (compute dtype, float32 parameters, remat, prediction type); `tokenizer` is None.
+
+    A preset keeps its own text vocabulary (a real checkpoint's, e.g. 49408 for sd15); the
+    from-scratch presets, which have none, take the run's tokenizer's as training does.
+    """
+    if architecture is None:
+        read_model_index(model.pretrained)  # a clear error for a folder that is not a checkpoint
+        configs = {name: read_component_config(model.pretrained, name) for name in COMPONENTS}
+        scheduler_config = read_json(os.path.join(model.pretrained, "scheduler", "scheduler_config.json"))
+    else:
+        preset = copy.deepcopy(PRESETS[architecture])
+        if not preset["text_encoder"]["vocab_size"]:
+            from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
+
+            with tempfile.TemporaryDirectory() as folder:
+                tokenizer = load_tokenizer(model.tokenizer) if model.tokenizer else write_bpe_tokenizer(folder)
+            preset["text_encoder"].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        configs = {name: COMPONENTS[name].config_cls.from_dict(preset[name], f"preset {architecture}/{name}")
+                   for name in COMPONENTS}
+        scheduler_config = dict(SD_SCHEDULE)
+    return assemble(configs, model, tokenizer=None, scheduler_config=scheduler_config, model_index={})
+
+
+def device_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of abstract arrays under these shardings (the largest shard)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def global_bytes(abstract: Any) -> int:
+    """Bytes of a tree of abstract arrays, unsharded."""
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def memory(compiled: Any) -> dict[str, int]:
+    """Per-device bytes from XLA's memory analysis; total = arguments + outputs + temporaries - aliased
+    (a donated argument's buffer is reused for its output, so it is counted once)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        raise ValueError(f"the {jax.default_backend()} backend gives no memory analysis")
+    out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+           "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+           "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
+
+
+def verdict(total_bytes: int, device_memory_gb: float) -> dict[str, Any]:
+    """Whether `total_bytes` fits in device_memory_gb GiB, and the margin (negative: short by)."""
+    capacity = int(device_memory_gb * GIB)
+    return {"device_memory_bytes": capacity, "fits": total_bytes <= capacity, "margin_bytes": capacity - total_bytes}
+
+
+def _compile(fn: Any, args: tuple, mesh: Mesh, rules: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    with activate(mesh, rules):  # the models' activation constraints apply only inside the mesh context
+        compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+    """Compiles the run's train step (full global batch, config dtype / remat / accumulation) for `mesh`
+    with abstract inputs; returns its per-device memory, state bytes and FLOPs."""
+    from sdjax.train.optimizer import make_optimizer
+    from sdjax.train.placement import replicated, state_shardings
+    from sdjax.train.step import make_train_step
+
+    from sdjax.train.loop import check_batch
+
+    rules = config.mesh.rules
+    check_batch(config, mesh)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    abstract, shardings = state_shardings(sd, config, tx, mesh)
+    side, length = config.data.resolution, sd.text_encoder.config.max_position_embeddings
+    batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, side, side, 3), jnp.float32,
+                                            sharding=batch_sharding(mesh, rules, 4)),
+             "input_ids": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
+                                               sharding=batch_sharding(mesh, rules, 2))}
+    step = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
+                   out_shardings=(shardings, replicated(mesh)))
+    compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules)
+    state = {group: {"per_device_bytes": device_bytes(getattr(abstract, group), getattr(shardings, group)),
+                     "global_bytes": global_bytes(getattr(abstract, group))} for group in STATE_GROUPS}
+    # XLA counts a loop body once: with accumulation the micro-batch scan runs grad_accum_steps times
+    # (the optimizer update, counted that many times too, is negligible next to the networks).
+    flops = compiled_flops(compiled) * config.grad_accum_steps * mesh.size
+    return {"batch_size": int(config.batch_size), "resolution": int(side), "dtype": str(config.model.dtype),
+            "remat": bool(config.model.remat), "grad_accum_steps": int(config.grad_accum_steps),
+            "trained": sorted(abstract.params), "memory": memory(compiled), "state": state,
+            "flops_per_step": flops, "flops_per_call": flops, "flops_per_device_per_call": flops / mesh.size,
+            "compile_seconds": seconds}
+
+
+def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size: int, steps: int,
+                  guidance_scale: float = 7.5, scheduler: str | None = None) -> dict[str, Any]:
+    """Compiles the txt2img sampling program (batch images of size x size, `steps` scheduler steps,
+    classifier-free guidance when guidance_scale > 1) with parameters stored in the compute dtype, as
+    sdjax.load(dtype=...) holds them, sharded by `rules` as StableDiffusion.shard places them."""
+    from sdjax.pipeline import Plan, build_program
+    from sdjax.schedulers import make_scheduler
+
+    ways = batch_divisor(mesh, rules)
+    if batch < 1 or batch % ways:
+        raise ValueError(f"sampling batch {batch} is not divisible by the {ways} ways the mesh {dict(mesh.shape)} "
+                         f"splits the batch")
+    if size < 8 or size % 8:
+        raise ValueError(f"sampling size must be a positive multiple of 8, got {size}")
+    if steps < 1:
+        raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    dtype = sd.unet.dtype
+    view = dataclasses.replace(sd, text_encoder=sd.text_encoder.clone(param_dtype=dtype),
+                               vae=sd.vae.clone(param_dtype=dtype), unet=sd.unet.clone(param_dtype=dtype),
+                               params={}, programs={})
+    modules = {"text_encoder": view.text_encoder, "vae": view.vae, "unet": view.unet}
+    abstract = {n: abstract_params(m) for n, m in modules.items()}
+    shardings = {n: param_shardings(logical_axes(m), abstract[n], mesh, rules) for n, m in modules.items()}
+    sched = make_scheduler(scheduler, view.scheduler_config, steps)
+    factor = view.vae.config.downscale
+    latent = (size // factor, size // factor, view.vae.config.latent_channels)
+    plan = Plan(scheduler or "", steps, (), batch, latent[:2], guidance_scale > 1, 0.0, 0, "txt2img")
+    rows = lambda ndim: batch_sharding(mesh, rules, ndim)
+    ids = jax.ShapeDtypeStruct((batch, view.text_encoder.config.max_position_embeddings), jnp.int32, sharding=rows(2))
+    key_type = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype, sharding=rows(1))
+    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    noise = jax.ShapeDtypeStruct((batch, *latent), jnp.float32, sharding=rows(4))
+    args = (_with_shardings(abstract, shardings), ids, ids, keys, scale, noise, None, None)
+    compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules)
+    # XLA counts the denoising scan's body once; add the other iterations' model calls.
+    per_step = model_call_flops(view, batch, latent, guidance_scale)
+    flops = compiled_flops(compiled) * mesh.size + (len(sched.timesteps) - 1) * per_step
+    return {"batch_size": batch, "resolution": size, "steps": steps, "guidance": guidance_scale > 1,
+            "dtype": str(jnp.dtype(dtype)), "scheduler": scheduler or sched.__class__.__name__,
+            "memory": memory(compiled),
+            "state": {"params": {"per_device_bytes": device_bytes(abstract, shardings),
+                                 "global_bytes": global_bytes(abstract)}},
+            "flops_per_step": per_step, "flops_per_call": flops, "flops_per_device_per_call": flops / mesh.size,
+            "compile_seconds": seconds}
+
+
+def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, int], guidance_scale: float) -> float:
+    """FLOPs (all devices) of one denoising step's model call, guided as the sampler guides it, from the
+    cost analysis of the unpartitioned lowering (cheap: nothing is compiled)."""
+    from sdjax.pipeline import guided
+
+    def call(params, x, t, cond, uncond, scale):
+        unet_fn = lambda x, t, ctx: sd.unet.apply({"params": params}, x, t, ctx)
+        return guided(unet_fn, cond, uncond if guidance_scale > 1 else None, scale, 0.0)(x, t)
+
+    context = jax.ShapeDtypeStruct((batch, sd.text_encoder.config.max_position_embeddings,
+                                    sd.unet.config.cross_attention_dim), sd.unet.dtype)
+    args = (abstract_params(sd.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32), context, context, jax.ShapeDtypeStruct((), jnp.float32))
+    analysis = jax.jit(call).lower(*args).cost_analysis()
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def mesh_description(mesh: Mesh) -> str:
+    devices = mesh.devices.flat[0]
+    return f"{' '.join(f'{a}={n}' for a, n in mesh.shape.items())} over {mesh.size} {devices.platform} devices"
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units, sign kept (margins can be negative)."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, scale in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a readable table, one column per planned program (all memory per device)."""
+    programs = [(title, report[key]) for key, title in (("train", "train step"), ("sample", "sampling"))
+                if key in report]
+    lines = [f"config   {report['config']}", f"model    {report['model']}", f"mesh     {report['mesh']}",
+             f"backend  {report['backend_note']}", ""]
+
+    def work(p: dict) -> str:
+        if "steps" in p:
+            return f"{p['batch_size']} x {p['resolution']}px {p['dtype']}, {p['steps']} steps" + \
+                   (", cfg" if p["guidance"] else "")
+        return f"{p['batch_size']} x {p['resolution']}px {p['dtype']}" + (", remat" if p["remat"] else "") + \
+               (f", accum {p['grad_accum_steps']}" if p["grad_accum_steps"] > 1 else "")
+
+    def state(group: str):
+        return lambda p: _size(p["state"][group]["per_device_bytes"]) if group in p["state"] else "-"
+
+    def mem(key: str):
+        return lambda p: _size(p["memory"][key])
+
+    def fit(p: dict) -> str:
+        v = p["verdict"]
+        return (f"fits ({_size(v['margin_bytes'])} spare)" if v["fits"]
+                else f"does not fit ({_size(-v['margin_bytes'])} over)")
+
+    rows = [("per device", lambda p: ""), ("  work", work), ("  parameters", state("params")),
+            ("  optimizer state", state("opt_state")), ("  EMA", state("ema")),
+            ("  frozen networks", state("frozen")), ("  arguments", mem("argument_bytes")),
+            ("  outputs", mem("output_bytes")), ("  aliased (donated)", mem("alias_bytes")),
+            ("  temporaries", mem("temp_bytes")), ("  generated code", mem("generated_code_bytes")),
+            ("  total (args+out+temp-alias)", mem("total_bytes")),
+            ("  FLOPs / call", lambda p: _flops(p["flops_per_device_per_call"])),
+            ("all devices", lambda p: ""),
+            ("  FLOPs / step", lambda p: _flops(p["flops_per_step"])),
+            ("  FLOPs / call", lambda p: _flops(p["flops_per_call"])),
+            ("compile time", lambda p: f"{p['compile_seconds']:.1f} s"),
+            (f"on {report['device_memory_gb']:g} GiB per device", fit)]
+    table = [["", *(title for title, _ in programs)]] + [[label, *(cell(p) for _, p in programs)]
+                                                        for label, cell in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines += [""] + [f"note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def backend_note() -> str:
+    """Which backend's analysis this is; on CPU, that it approximates an accelerator's."""
+    if jax.default_backend() == "cpu":
+        return ("XLA CPU: its memory analysis approximates TPU/GPU; the CPU compiler fuses, lays out "
+                "and rematerialises differently")
+    return f"XLA {jax.default_backend()} ({jax.devices()[0].device_kind})"
+
+
+def finish(report: dict[str, Any]) -> dict[str, Any]:
+    """Adds each program's fits / margin against report['device_memory_gb'] (GiB), and notes on reading it."""
+    for key in ("train", "sample"):
+        if key in report:
+            report[key]["verdict"] = verdict(report[key]["memory"]["total_bytes"], report["device_memory_gb"])
+    report["notes"] = ["FLOPs from XLA's cost analysis; all devices = per device x devices (work a device "
+                       "repeats, e.g. on replicated weights, counts on each)"]
+    if "sample" in report:
+        report["notes"] += ["sampling: a step is one (guided) UNet call; parameters are the three networks as "
+                            "loaded, arguments only those txt2img reads (not the VAE encoder)"]
+    return report
+
+
+__all__ = ["choose_architecture", "device_bytes", "format_report", "memory", "parse_mesh", "plan_sampling",
+           "plan_training", "planning_model", "verdict"]
