@@ -31,9 +31,14 @@ class StableDiffusion:
     rules: Any = None
 
     @property
+    def networks(self) -> dict[str, Any]:
+        """The three Flax modules, by component name (the keys of `params`)."""
+        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+
+    @property
     def configs(self) -> dict[str, Any]:
         """The typed model configs, by component name."""
-        return {"text_encoder": self.text_encoder.config, "vae": self.vae.config, "unet": self.unet.config}
+        return {name: module.config for name, module in self.networks.items()}
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> int32 ids (N, max_position_embeddings), padded with the checkpoint's pad token."""
@@ -74,14 +79,12 @@ class StableDiffusion:
     def shard(self, mesh: Any, rules: Any = None) -> "StableDiffusion":
         """Places the parameters on `mesh` by logical-axis rules (default sdjax.parallel.DEFAULT_RULES);
         `generate` then splits each image batch over the batch axes (its size must divide evenly)."""
-        from sdjax.models.params import logical_axes
-        from sdjax.parallel import DEFAULT_RULES, check_rules, param_shardings
+        from sdjax.models.params import place_params
+        from sdjax.parallel import DEFAULT_RULES, check_rules
 
         rules = tuple(DEFAULT_RULES if rules is None else rules)
         check_rules(rules)
-        modules = {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
-        self.params = {n: jax.device_put(p, param_shardings(logical_axes(modules[n]), p, mesh, rules))
-                       for n, p in self.params.items()}
+        self.params = {n: place_params(p, self.networks[n], mesh, rules) for n, p in self.params.items()}
         self.mesh, self.rules = mesh, rules
         self.programs.clear()
         return self

@@ -52,3 +52,11 @@ def init_params(module: nn.Module, rng: jax.Array) -> Any:
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
     return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(params))
+
+
+def place_params(params: Any, module: nn.Module, mesh: Any, rules: Any) -> Any:
+    """`module`'s parameters (host or device arrays) put on `mesh`, each sharded by its logical axes
+    under `rules` (shard by shard from the host: no device holds the whole tree)."""
+    from sdjax.parallel import param_shardings
+
+    return jax.device_put(params, param_shardings(logical_axes(module), params, mesh, rules))

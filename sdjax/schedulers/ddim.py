@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers.base import ScheduleConfig, alphas_cumprod, leading_timesteps, predicted_original
+from sdjax.schedulers.base import ScheduleConfig, add_noise_vp, alphas_cumprod, leading_timesteps, predicted_original
 
 
 class DDIM:
@@ -45,5 +44,5 @@ class DDIM:
         return state, prev
 
     def add_noise(self, original, noise, i):
-        a = self.alphas_cumprod[self.timesteps[i]]
-        return np.sqrt(a) * original + np.sqrt(1 - a) * noise
+        """The forward process q(x_t | x_0) at t = timesteps[i]."""
+        return add_noise_vp(original, noise, self.alphas_cumprod[self.timesteps[i]])

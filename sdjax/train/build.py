@@ -74,5 +74,4 @@ def with_training_options(sd: StableDiffusion, model: ml_collections.ConfigDict)
 def initial_params(sd: StableDiffusion, seed: int) -> dict:
     """Random parameters of the three networks from `seed` (jittable)."""
     keys = jax.random.split(jax.random.key(seed), 3)
-    return {name: init_params(module, key) for (name, module), key in
-            zip((("text_encoder", sd.text_encoder), ("vae", sd.vae), ("unet", sd.unet)), keys)}
+    return {name: init_params(module, key) for (name, module), key in zip(sd.networks.items(), keys)}

@@ -82,8 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     lead = jax.process_index() == 0
     if lead:  # builds "shapes"/"folder" datasets once; a missing dataset or feature key fails here
         make_source(config.data)
-    sync_processes("dataset ready")
-    make_source(config.data)
+    sync_processes("dataset ready")  # the other hosts open it in make_iterator, once it is built
     mesh = make_mesh(config.mesh)
     rules = config.mesh.rules
     sd = build_model(config.model, workdir)

@@ -9,25 +9,18 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdjax.models.params import abstract_params, logical_axes
-from sdjax.parallel import param_shardings, tree_shardings
+from sdjax.models.params import abstract_params, logical_axes, place_params
+from sdjax.parallel import tree_shardings
 from sdjax.train.build import initial_params
 from sdjax.train.step import TrainState, init_state
-
-NETWORKS = ("text_encoder", "vae", "unet")
-
-
-def _modules(sd) -> dict[str, Any]:
-    return {"text_encoder": sd.text_encoder, "vae": sd.vae, "unet": sd.unet}
 
 
 def state_shardings(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                     mesh: Mesh) -> tuple[Any, Any]:
     """(abstract TrainState, its NamedShardings) under config.mesh.rules."""
-    modules = _modules(sd)
-    abstract = {n: abstract_params(m) for n, m in modules.items()}
+    abstract = {n: abstract_params(m) for n, m in sd.networks.items()}
     state = jax.eval_shape(lambda p: init_state(p, config, tx), abstract)
-    logical = {n: logical_axes(m) for n, m in modules.items()}
+    logical = {n: logical_axes(m) for n, m in sd.networks.items()}
     return state, tree_shardings(state, logical, mesh, config.mesh.rules)
 
 
@@ -38,9 +31,7 @@ def create_state(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransf
     _, shardings = state_shardings(sd, config, tx, mesh)
     make = jax.jit(lambda p: init_state(p, config, tx), out_shardings=shardings)
     if sd.params:
-        modules = _modules(sd)
-        placed = {n: jax.device_put(sd.params[n], param_shardings(logical_axes(modules[n]), sd.params[n], mesh,
-                                                                  config.mesh.rules)) for n in NETWORKS}
+        placed = {n: place_params(p, sd.networks[n], mesh, config.mesh.rules) for n, p in sd.params.items()}
         return make(placed), shardings
     scratch = jax.jit(lambda: init_state(initial_params(sd, config.seed), config, tx), out_shardings=shardings)
     return scratch(), shardings
