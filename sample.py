@@ -1,5 +1,6 @@
 """Batch sampling: prompts in, one PNG per image out (settings in each PNG's `parameters`).
 
+    python sample.py --prompt "a large green triangle on a white background"    (the shipped shapes model)
     python sample.py --model path/to/diffusers-folder --prompt "a red circle" --num-images 4 --out out/
     python sample.py --model ... --prompts-file prompts.jsonl --batch-size 8
     python sample.py --model ... --prompt "..." --init-image in.png --strength 0.6 --out out/       (img2img)
@@ -15,7 +16,8 @@ import sys
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (model_index.json inside)")
+    p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json inside); default: the "
+                                   "small shapes model shipped with sdjax (configs/shapes_model.py)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl with objects holding 'prompt' and "
                                           "optional negative_prompt, seed, steps, guidance, scheduler, size, num_images, "
@@ -34,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strength", type=float, help="share of the schedule run from the noised init image, in (0, 1] "
                                                   "(default 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--out", required=True, help="output directory (created; existing images are kept)")
+    p.add_argument("--out", default="out", help="output directory (created; existing images are kept; default out/)")
     return p.parse_args(argv)
 
 
@@ -60,14 +62,15 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        sd = sdjax.load(args.model, dtype=getattr(jnp, args.dtype))
+        model = args.model or sdjax.DEFAULT_MODEL
+        sd = sdjax.load(model, dtype=getattr(jnp, args.dtype))
         native = sd.unet.config.sample_size * sd.vae.config.downscale
         jobs = job.expand_jobs(entries, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                                guidance=args.guidance, scheduler=args.scheduler,
                                size=job.parse_size(args.size) if args.size else None, native_size=(native, native),
                                num_images=args.num_images, init_image=args.init_image, mask=args.mask,
                                strength=args.strength)
-        job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(args.model)))
+        job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(model)))
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,13 @@
 """sdjax: Stable Diffusion in JAX/Flax."""
 
+import os
+
 from sdjax.convert.safetensors_io import CheckpointError
 from sdjax.stable_diffusion import StableDiffusion, load
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "StableDiffusion", "load", "__version__"]
+
+# The small model trained from scratch by configs/shapes_model.py, shipped in the package (diffusers layout).
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-model")
+
+__all__ = ["CheckpointError", "DEFAULT_MODEL", "StableDiffusion", "load", "__version__"]

@@ -161,7 +161,7 @@ def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: 
     rules = config.mesh.rules
     check_batch(config, mesh)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(sd, config, tx, mesh)
+    abstract, shardings = state_shardings(sd.networks, config, tx, mesh)
     side, length = config.data.resolution, sd.text_encoder.config.max_position_embeddings
     batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, side, side, 3), jnp.float32,
                                             sharding=batch_sharding(mesh, rules, 4)),

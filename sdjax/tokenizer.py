@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import re
+import unicodedata
 import warnings
-from typing import Sequence
+from collections import Counter, defaultdict
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -81,3 +85,184 @@ def write_bpe_tokenizer(folder: str, merges: Sequence[tuple[str, str]] = (), pad
                                               model_max_length=max_length)
     save_tokenizer(tokenizer, folder)
     return load_tokenizer(folder)
+
+
+# --- Training a byte-level BPE vocabulary the way CLIPTokenizer applies one ----------------------
+
+END_OF_WORD = "</w>"
+# CLIP's pre-tokenizer keeps these contractions as words of their own (ASCII apostrophe only).
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# str.isspace() counts the separators U+001C..U+001F as whitespace; the tokenizers library's regex
+# \s (Unicode White_Space) does not, so CLIP treats them as punctuation.
+_NOT_SPACE = frozenset("\x1c\x1d\x1e\x1f")
+_SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+_char_kinds: dict[str, str] = {}
+
+
+def _byte_table() -> list[str]:
+    """byte value -> its character in byte_characters()' alphabet: printable bytes map to themselves,
+    the others, in increasing byte order, to the characters from chr(256) on."""
+    chars = byte_characters()
+    kept = [ord(c) for c in chars if ord(c) < 256]
+    order = kept + sorted(set(range(256)) - set(kept))
+    table = [""] * 256
+    for byte, char in zip(order, chars):
+        table[byte] = char
+    return table
+
+
+_BYTE_TABLE = _byte_table()
+
+
+def _kind(char: str) -> str:
+    """"L" letter, "N" number, " " whitespace, "P" anything else (the classes of CLIP's regex)."""
+    kind = _char_kinds.get(char)
+    if kind is None:
+        if char.isspace() and char not in _NOT_SPACE:
+            kind = " "
+        else:
+            category = unicodedata.category(char)[0]
+            kind = category if category in ("L", "N") else "P"
+        _char_kinds[char] = kind
+    return kind
+
+
+def _split_words(text: str) -> list[str]:
+    """CLIP's word split of normalized text: at each position the first of <|startoftext|>,
+    <|endoftext|> (both then split again into "<|", name, "|>" by the byte-level step), the
+    contractions, a run of letters, one number character, or a run of other non-space characters."""
+    words: list[str] = []
+    kinds = [_kind(c) for c in text]
+    i, n = 0, len(text)
+    while i < n:
+        kind = kinds[i]
+        if kind == " ":
+            i += 1
+            continue
+        special = next((t for t in SPECIAL_TOKENS if text.startswith(t, i)), None) if text[i] == "<" else None
+        if special:
+            words += ["<|", special[2:-2], "|>"]
+            i += len(special)
+            continue
+        contraction = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None) if text[i] == "'" else None
+        if contraction:
+            words.append(contraction)
+            i += len(contraction)
+            continue
+        j = i + 1
+        if kind != "N":
+            while j < n and kinds[j] == kind:
+                j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """The words CLIPTokenizer runs BPE on, each as byte_characters() symbols of its UTF-8 bytes.
+
+    Like transformers' CLIPTokenizer: exact <|startoftext|>/<|endoftext|> are special tokens and
+    split the text; the rest is NFC-normalized and lowercased (its whitespace runs -> " " step
+    changes no word) and split into words by CLIP's regex. Character classes come from Python's
+    unicodedata, so characters whose Unicode properties differ between its Unicode version and the
+    tokenizers library's (mostly ones assigned recently) may be split differently; the merges
+    learned stay valid, they only fit such words less well.
+    """
+    words = []
+    for segment in _SPECIAL_SPLIT.split(text):
+        # Lowercased a character at a time, as tokenizers does: no final-sigma rule (Σ -> σ always).
+        for word in _split_words(unicodedata.normalize("NFC", segment).replace("Σ", "σ").lower()):
+            words.append("".join(_BYTE_TABLE[b] for b in word.encode("utf-8")))
+    return words
+
+
+def _merge_pair(symbols: list[str], a: str, b: str) -> list[str]:
+    """Replaces each (a, b) in symbols, left to right without overlap, by a + b."""
+    out, i, n = [], 0, len(symbols)
+    while i < n:
+        if i + 1 < n and symbols[i] == a and symbols[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _learn_merges(word_counts: dict[str, int], num_merges: int | None, min_frequency: int) -> list[tuple[str, str]]:
+    words = [list(w[:-1]) + [w[-1] + END_OF_WORD] for w in word_counts]
+    freqs = list(word_counts.values())
+    pair_counts: dict[tuple[str, str], int] = defaultdict(int)
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)  # word indices holding the pair (a superset)
+    for index, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += freqs[index]
+            where[pair].add(index)
+    # Max-heap on (count, then smallest pair); an entry is stale once its pair's count has changed.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while heap and (num_merges is None or len(merges) < num_merges):
+        negative, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -negative:
+            continue
+        if count < min_frequency:
+            break
+        merges.append(pair)
+        delta: dict[tuple[str, str], int] = defaultdict(int)
+        for index in where.pop(pair):
+            symbols = words[index]
+            merged = _merge_pair(symbols, *pair)
+            if len(merged) == len(symbols):
+                continue
+            for old in zip(symbols, symbols[1:]):
+                delta[old] -= freqs[index]
+            for new in zip(merged, merged[1:]):
+                delta[new] += freqs[index]
+                where[new].add(index)
+            words[index] = merged
+        for changed, d in delta.items():
+            if d == 0:
+                continue
+            pair_counts[changed] += d
+            if pair_counts[changed] > 0:
+                heapq.heappush(heap, (-pair_counts[changed], changed))
+            else:
+                del pair_counts[changed]
+                where.pop(changed, None)
+    return merges
+
+
+def train_bpe(texts: Iterable[str], num_merges: int | None = None, min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Learns byte-level BPE merges, in order, for a CLIPTokenizer built by write_bpe_tokenizer.
+
+    Texts are split into words as CLIPTokenizer does (see pre_tokenize); a word is its byte
+    symbols with "</w>" on the last ("red" -> r, e, d</w>). The most frequent adjacent pair over
+    all words is merged, ties going to the lexicographically smallest pair, until num_merges
+    merges (None: no limit) or no pair occurs min_frequency times. The result depends only on the
+    multiset of words, not on the order of the texts.
+    """
+    if num_merges is not None and (isinstance(num_merges, bool) or not isinstance(num_merges, int)
+                                   or num_merges < 0):
+        raise ValueError(f"num_merges must be None or an integer >= 0, got {num_merges!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not one string")
+    word_counts: Counter[str] = Counter()
+    seen = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings, got {type(text).__name__} at position {seen}")
+        word_counts.update(pre_tokenize(text))
+        seen += 1
+    if seen == 0:
+        raise ValueError("texts is empty: nothing to train the tokenizer on")
+    return _learn_merges(word_counts, num_merges, min_frequency)
+
+
+def train_tokenizer(texts: Iterable[str], folder: str, num_merges: int | None = None, min_frequency: int = 2,
+                    pad: str = "eos", max_length: int = 77):
+    """train_bpe(texts, ...) written to `folder` by write_bpe_tokenizer; returns the loaded tokenizer."""
+    return write_bpe_tokenizer(folder, train_bpe(texts, num_merges, min_frequency), pad, max_length)

@@ -146,6 +146,9 @@ def test_every_config_and_its_tiny_variant_is_valid(name):
     assert tiny.total_steps <= 60 and tiny.batch_size <= 4 and tiny.data.resolution <= 32
     for point in sweep_points(module):
         check_keys(apply_overrides(full, point))
+    for base in (full, tiny):  # a staged file: every stage's config is valid too
+        for _, stage in getattr(module, "stages", lambda c, w: [])(base, "/tmp/workdir"):
+            check_keys(stage)
 
 
 def test_finetune_tiny_variant_on_a_diffusers_folder(tmp_path, data_dir, checkpoints):

@@ -13,12 +13,13 @@ Weights load strictly (every tensor used, every parameter found, shapes equal). 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -173,14 +174,10 @@ def default_model_index(scheduler_class: str) -> dict[str, Any]:
     return index
 
 
-def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any,
-                  scheduler_config: dict[str, Any], model_index: dict[str, Any] | None = None,
-                  dtype: Any = None) -> None:
-    """Writes a diffusers pipeline folder; `dtype` (e.g. np.float16) casts float weights.
-
-    Written into a temporary sibling and renamed into place, so an interrupted export leaves no
-    half-written folder. `folder` must not exist yet, or be empty.
-    """
+@contextlib.contextmanager
+def _staged_folder(folder: str) -> Iterator[str]:
+    """A temporary sibling of `folder` to write into, renamed into place when the block succeeds, so
+    that an interrupted export leaves no half-written folder. `folder` must not exist yet, or be empty."""
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise CheckpointError(f"{folder}: already exists and is not empty; export into a new folder")
@@ -188,24 +185,49 @@ def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".sdjax-export-", dir=parent)
     try:
-        scheduler_class = scheduler_config.get("_class_name", "PNDMScheduler")
-        index = dict(model_index or default_model_index(scheduler_class))
-        _write_json(os.path.join(staging, "model_index.json"), index)
-        for name, component in COMPONENTS.items():
-            os.makedirs(os.path.join(staging, name))
-            _write_json(os.path.join(staging, name, "config.json"), configs[name].to_dict())
-            tensors = {component.export_prefix + k: _cast(v, dtype)
-                       for k, v in state_dict_from_params(params[name]).items()}
-            write_safetensors(os.path.join(staging, name, component.weights + ".safetensors"), tensors)
-        os.makedirs(os.path.join(staging, "scheduler"))
-        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler_config)
-        save_tokenizer(tokenizer, os.path.join(staging, "tokenizer"))
+        yield staging
         if os.path.isdir(folder):
             os.rmdir(folder)
         os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_component(folder: str, name: str, config: Any, params: Any, dtype: Any) -> None:
+    component = COMPONENTS[name]
+    os.makedirs(os.path.join(folder, name))
+    _write_json(os.path.join(folder, name, "config.json"), config.to_dict())
+    tensors = {component.export_prefix + k: _cast(v, dtype) for k, v in state_dict_from_params(params).items()}
+    write_safetensors(os.path.join(folder, name, component.weights + ".safetensors"), tensors)
+
+
+def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any,
+                  scheduler_config: dict[str, Any], model_index: dict[str, Any] | None = None,
+                  dtype: Any = None) -> None:
+    """Writes a diffusers pipeline folder atomically; `dtype` (e.g. np.float16) casts float weights."""
+    with _staged_folder(folder) as staging:
+        scheduler_class = scheduler_config.get("_class_name", "PNDMScheduler")
+        index = dict(model_index or default_model_index(scheduler_class))
+        _write_json(os.path.join(staging, "model_index.json"), index)
+        for name in COMPONENTS:
+            _write_component(staging, name, configs[name], params[name], dtype)
+        os.makedirs(os.path.join(staging, "scheduler"))
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler_config)
+        save_tokenizer(tokenizer, os.path.join(staging, "tokenizer"))
+
+
+def save_components(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any = None,
+                    extra: Callable[[str], None] | None = None) -> None:
+    """Writes some components of a pipeline (a training stage's output, e.g. only vae/) atomically in
+    the same layout, so `load_component` and later stages read them; `extra(staging)` adds files."""
+    with _staged_folder(folder) as staging:
+        for name in configs:
+            _write_component(staging, name, configs[name], params[name], None)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, os.path.join(staging, "tokenizer"))
+        if extra is not None:
+            extra(staging)
 
 
 def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:

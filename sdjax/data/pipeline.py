@@ -24,7 +24,7 @@ depend on worker_count (each worker batches its own slice), so resume with the s
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import ml_collections
@@ -129,6 +129,44 @@ def make_source(data_config) -> Sequence[dict]:
     return source
 
 
+def _preprocess(data_config) -> Preprocess:
+    return Preprocess(image_key=data_config.image_key, caption_key=data_config.caption_key,
+                      resolution=int(data_config.resolution), crop=data_config.crop, flip=bool(data_config.flip),
+                      caption_dropout=float(data_config.caption_dropout))
+
+
+def held_out(data_config, split: str, num_examples: int) -> dict[str, Any]:
+    """The first `num_examples` readable examples of `split`, preprocessed without randomness (centre
+    crop, no flip, no caption dropout), for evaluation: {"pixels": float32 (N, R, R, 3) in [-1, 1],
+    "captions": list of N str}."""
+    data_config = ml_collections.ConfigDict(dict(data_config.to_dict(), split=split, crop="center", flip=False,
+                                                 caption_dropout=0.0))
+    source = make_source(data_config)
+    preprocess, rng = _preprocess(data_config), np.random.default_rng(0)  # rng draws are unused here
+    examples = []
+    for i in range(len(source)):
+        example = preprocess(source[i], rng)
+        if example is not None:
+            examples.append(example)
+        if len(examples) == num_examples:
+            break
+    if not examples:
+        raise ValueError(f"data split {split!r} has no readable example to evaluate on")
+    pixels = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    return {"pixels": pixels, "captions": [e["caption"] for e in examples]}
+
+
+def all_captions(data_config, limit: int = 0) -> list[str]:
+    """Every caption of the first `limit` examples of data.split (0 = all), e.g. to train a tokenizer."""
+    source = make_source(data_config)
+    count = len(source) if limit <= 0 else min(limit, len(source))
+    texts = []
+    for i in range(count):
+        value = np.asarray(source[i][data_config.caption_key], dtype=object).reshape(-1)
+        texts.extend(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value)
+    return texts
+
+
 def _derived_seed(*numbers: int) -> int:
     """A 32-bit seed mixed from several integers (grain seeds must fit in uint32)."""
     return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1)[0])
@@ -166,17 +204,9 @@ def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_inde
     global_batch_size = global_batch_size or process_count
     if len(source) < global_batch_size:
         raise ValueError(f"data.split: {len(source)} example(s) cannot fill a global batch of {global_batch_size}")
-    preprocess = Preprocess(
-        image_key=data_config.image_key,
-        caption_key=data_config.caption_key,
-        resolution=int(data_config.resolution),
-        crop=data_config.crop,
-        flip=bool(data_config.flip),
-        caption_dropout=float(data_config.caption_dropout),
-    )
     dataset = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0)).repeat()
     # Augmentation randomness by global position, so that it too ignores the number of hosts.
-    dataset = dataset.random_map(preprocess, seed=_derived_seed(seed, 1))
+    dataset = dataset.random_map(_preprocess(data_config), seed=_derived_seed(seed, 1))
     if process_count == 1:
         return dataset
     return _HostRows(dataset, global_batch_size, global_batch_size // process_count, process_index)
@@ -188,11 +218,13 @@ class _Collate:
     A class rather than a closure so that grain worker processes can pickle it with tokenize_fn.
     """
 
-    def __init__(self, tokenize_fn: TokenizeFn):
+    def __init__(self, tokenize_fn: TokenizeFn | None):
         self.tokenize_fn = tokenize_fn
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         pixels = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+        if self.tokenize_fn is None:  # image-only training (the VAE)
+            return {"pixels": pixels}
         captions = [e["caption"] for e in examples]
         input_ids = np.asarray(self.tokenize_fn(captions))
         if input_ids.ndim != 2 or input_ids.shape[0] != len(captions):
@@ -201,12 +233,13 @@ class _Collate:
         return {"pixels": pixels, "input_ids": input_ids.astype(np.int32, copy=False)}
 
 
-def make_iterator(data_config, tokenize_fn: TokenizeFn, *, global_batch_size: int, seed: int,
+def make_iterator(data_config, tokenize_fn: TokenizeFn | None, *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator over this host's batches.
 
     Each batch: "pixels" float32 (B_local, R, R, 3) in [-1, 1] and "input_ids" int32 (B_local, L),
-    B_local = global_batch_size // process_count. `tokenize_fn(list[str]) -> int array (N, L)`.
+    B_local = global_batch_size // process_count. `tokenize_fn(list[str]) -> int array (N, L)`; with
+    tokenize_fn None, batches hold only "pixels".
     The iterator's `get_state()` is JSON-serialisable and `set_state(state)` resumes exactly.
     """
     if global_batch_size < 1 or global_batch_size % process_count:

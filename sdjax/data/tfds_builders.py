@@ -20,6 +20,17 @@ import re
 
 import tensorflow_datasets as tfds
 from etils import epath
+
+
+class _NoCustomConfigNotice(logging.Filter):
+    """Drops TFDS's "Using custom data configuration" warning: our builders are configured by design,
+    and TFDS repeats it every time a dataset is opened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Using custom data configuration" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_NoCustomConfigNotice())
 from PIL import Image
 
 from sdjax.data import shapes

@@ -45,8 +45,9 @@ class CLIPTextConfig:
 
 
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig  # or any config with the same transformer fields (the vision tower's)
     attention_impl: str = "xla"
+    causal: bool = True     # text attends left to right; image patches attend to all
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -56,7 +57,7 @@ class CLIPEncoderLayer(nn.Module):
         heads = cfg.num_attention_heads
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x_blc)
         x_blc = x_blc + Attention(
-            heads, cfg.hidden_size // heads, cfg.hidden_size, qkv_bias=True, causal=True,
+            heads, cfg.hidden_size // heads, cfg.hidden_size, qkv_bias=True, causal=self.causal,
             names=("q_proj", "k_proj", "v_proj", "out_proj"), attention_impl=self.attention_impl,
             name="self_attn", **kw)(h)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x_blc)
@@ -95,6 +96,7 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
     attention_impl: str = "xla"
     remat: bool = False
+    causal: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -102,7 +104,7 @@ class CLIPEncoder(nn.Module):
     def __call__(self, x_blc: jax.Array) -> jax.Array:
         layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x_blc = layer_cls(self.config, self.attention_impl, name=f"layers_{i}", dtype=self.dtype,
+            x_blc = layer_cls(self.config, self.attention_impl, self.causal, name=f"layers_{i}", dtype=self.dtype,
                               param_dtype=self.param_dtype)(x_blc)
         return x_blc
 

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.clip import CLIPModel
 from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -26,6 +27,10 @@ def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
         return (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
                 jax.ShapeDtypeStruct((1,), jnp.int32),
                 jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32))
+    if isinstance(module, CLIPModel):
+        side = cfg.vision.image_size
+        return (jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),
+                jax.ShapeDtypeStruct((1, cfg.text.max_position_embeddings), jnp.int32))
     raise TypeError(f"no example inputs for {type(module).__name__}")
 
 

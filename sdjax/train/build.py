@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+import zlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 import sdjax
-from sdjax.convert.diffusers import default_model_index
+from sdjax.convert.diffusers import default_model_index, load_component
 from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 from sdjax.models.params import init_params
 from sdjax.models.presets import PRESETS
@@ -25,40 +26,73 @@ SD_SCHEDULE = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "bet
 
 def build_model(model: ml_collections.ConfigDict, workdir: str) -> StableDiffusion:
     """The starting model (compute in model.dtype). Its `params` are the checkpoint's, as float32 host
-    arrays, or empty from scratch (see `initial_params`, which the trainer runs under jit with
-    sharded outputs, so no device ever holds the whole model).
+    arrays; from scratch only those of earlier stages (the rest come from `initial_params`, which the
+    trainer runs under jit with sharded outputs, so no device ever holds the whole model).
 
-    From scratch, the tokenizer is model.tokenizer (a folder) or a byte-level BPE written to
-    workdir/tokenizer.
+    From scratch see `scratch_components`: earlier stages' VAE and text encoder are loaded (and stay
+    frozen), the rest starts random.
     """
     if model.pretrained:
         sd = sdjax.load(model.pretrained, dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32,
                         attention_impl=model.attention_impl, to_device=False)
+        return with_training_options(sd, model)
+    configs, params, tokenizer = scratch_components(model, workdir)
+    return assemble(configs, model, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULE),
+                    model_index=default_model_index("DDIMScheduler"), params=params)
+
+
+def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict, object]:
+    """(typed configs of the three networks, host params of those read from earlier stages, tokenizer)
+    for training from scratch: the preset's architecture, with the VAE from model.vae_from and the
+    text encoder + tokenizer from model.text_encoder_from where given."""
+    if not model.architecture:
+        raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
+                         "(--config.model.pretrained=PATH), or an architecture to train from scratch")
+    if model.architecture not in PRESETS:
+        raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
+    preset = copy.deepcopy(PRESETS[model.architecture])
+    configs, params = {}, {}
+    if model.text_encoder_from:
+        configs["text_encoder"], params["text_encoder"] = _stage_component(model.text_encoder_from, "text_encoder",
+                                                                           "model.text_encoder_from")
+        tokenizer = load_tokenizer(os.path.join(model.text_encoder_from, "tokenizer"))
     else:
-        if not model.architecture:
-            raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
-                             "(--config.model.pretrained=PATH), or an architecture to train from scratch")
-        if model.architecture not in PRESETS:
-            raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
-        tokenizer = (load_tokenizer(model.tokenizer) if model.tokenizer
-                     else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
-        preset = copy.deepcopy(PRESETS[model.architecture])
-        preset["text_encoder"].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-        configs = {"text_encoder": CLIPTextConfig.from_dict(preset["text_encoder"], "preset"),
-                   "vae": VAEConfig.from_dict(preset["vae"], "preset"),
-                   "unet": UNetConfig.from_dict(preset["unet"], "preset")}
-        return assemble(configs, model, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULE),
-                        model_index=default_model_index("DDIMScheduler"))
-    return with_training_options(sd, model)
+        tokenizer = scratch_tokenizer(model, workdir)
+        configs["text_encoder"] = text_config(preset, tokenizer)
+    if model.vae_from:
+        configs["vae"], params["vae"] = _stage_component(model.vae_from, "vae", "model.vae_from")
+    else:
+        configs["vae"] = VAEConfig.from_dict(preset["vae"], "preset")
+    configs["unet"] = UNetConfig.from_dict(preset["unet"], "preset")
+    return configs, params, tokenizer
+
+
+def scratch_tokenizer(model: ml_collections.ConfigDict, workdir: str):
+    """model.tokenizer (a folder), or a byte-level BPE without merges written to workdir/tokenizer."""
+    return (load_tokenizer(model.tokenizer) if model.tokenizer
+            else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
+
+
+def text_config(preset: dict, tokenizer) -> CLIPTextConfig:
+    """The preset's text tower sized to the tokenizer's vocabulary and EOS id."""
+    raw = dict(preset["text_encoder"], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextConfig.from_dict(raw, "preset")
+
+
+def _stage_component(folder: str, name: str, key: str) -> tuple[object, dict]:
+    if not os.path.isdir(os.path.join(folder, name)):
+        raise ValueError(f"{key}: {folder} has no {name}/ folder (expected a trained stage's export)")
+    return load_component(folder, name)
 
 
 def assemble(configs: dict, model: ml_collections.ConfigDict, *, tokenizer, scheduler_config: dict,
-             model_index: dict) -> StableDiffusion:
-    """A StableDiffusion without parameters from the three typed configs, set up as `model` says."""
+             model_index: dict, params: dict | None = None) -> StableDiffusion:
+    """A StableDiffusion from the three typed configs (with `params`, by default none), set up as
+    `model` says."""
     kw = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32, attention_impl=model.attention_impl)
     sd = StableDiffusion(tokenizer=tokenizer, text_encoder=CLIPTextModel(configs["text_encoder"], **kw),
                          vae=AutoencoderKL(configs["vae"], **kw), unet=UNet2DConditionModel(configs["unet"], **kw),
-                         params={}, scheduler_config=scheduler_config, model_index=model_index)
+                         params=dict(params or {}), scheduler_config=scheduler_config, model_index=model_index)
     return with_training_options(sd, model)
 
 
@@ -71,7 +105,9 @@ def with_training_options(sd: StableDiffusion, model: ml_collections.ConfigDict)
     return sd
 
 
-def initial_params(sd: StableDiffusion, seed: int) -> dict:
-    """Random parameters of the three networks from `seed` (jittable)."""
-    keys = jax.random.split(jax.random.key(seed), 3)
-    return {name: init_params(module, key) for (name, module), key in zip(sd.networks.items(), keys)}
+def initial_params(networks: dict, seed: int) -> dict:
+    """Random parameters of `networks` (name -> module) from `seed` (jittable). Each network's key
+    comes from its name, so it does not depend on which other networks start from random."""
+    root = jax.random.key(seed)
+    return {name: init_params(module, jax.random.fold_in(root, zlib.crc32(name.encode())))
+            for name, module in networks.items()}

@@ -17,6 +17,8 @@ from sdjax.parallel import mesh_config
 def base_config() -> ml_collections.ConfigDict:
     """All training settings with their defaults."""
     c = ml_collections.ConfigDict()
+    c.task = "unet"                 # what the run trains: "unet" (diffusion), "vae", "clip" (contrastive) or
+                                    # "tokenizer" (BPE merges learnt from the data's captions)
     c.seed = 0                      # params init, noise, timesteps; the data order has its own seed below
     c.total_steps = 1000
     c.batch_size = 8                # global batch (all hosts and devices)
@@ -26,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pretrained = ""         # a diffusers folder to fine-tune; "" = from scratch with `architecture`
     c.model.architecture = "tiny"   # a preset of sdjax.models.presets.PRESETS (from scratch only)
     c.model.tokenizer = ""          # from scratch: a tokenizer folder; "" = byte-level BPE (no merges)
+    c.model.vae_from = ""           # from scratch: a folder with a trained vae/ (e.g. a vae run's export)
+    c.model.text_encoder_from = ""  # from scratch: a folder with text_encoder/ + tokenizer/ (a clip run's export)
+    c.model.clip = ml_collections.ConfigDict({  # task "clip": the image tower (a ViT) and the shared space
+        "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "projection_dim": 64})
     c.model.prediction_type = ""    # "" = the checkpoint's scheduler config (epsilon for new models)
     c.model.train_text_encoder = False
     c.model.dtype = "float32"       # compute dtype; parameters and optimizer state stay float32
@@ -38,6 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.min_snr_gamma = 0.0      # 0 = plain MSE; Hang et al. 2023 suggest 5
     c.loss.offset_noise = 0.0       # per-channel offset added to the noise (0.05-0.1 for darker/brighter images)
+    c.loss.l1_weight = 1.0          # task "vae": reconstruction = l1_weight * L1 + l2_weight * MSE (per pixel)
+    c.loss.l2_weight = 1.0
+    c.loss.kl_weight = 1e-6         # task "vae": weight of the posterior's KL to N(0, I), per pixel
+    c.loss.crop = 0                 # task "vae": train on random crops of this side (0 = whole images)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"           # held-out split scored at the end of a vae / clip run (PSNR / retrieval)
+    c.eval.num_examples = 256       # how many of its examples (fewer if the split is smaller)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4
@@ -65,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.preview_steps = 20
     c.log.preview_guidance = 5.0
     c.log.progress_bar = True
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.num_merges = -1       # task "tokenizer": merges to learn (-1 = until min_frequency stops it)
+    c.tokenizer.min_frequency = 2     # a pair seen fewer times is never merged
+    c.tokenizer.num_captions = 0      # captions read from data.split (0 = all)
 
     c.export = ml_collections.ConfigDict()
     c.export.at_end = True            # write workdir/export (diffusers layout, EMA weights) when done

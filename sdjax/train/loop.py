@@ -1,4 +1,5 @@
-"""The training loop: build -> restore or init -> [batch -> train_step -> log / preview / checkpoint] -> export.
+"""The training loop: task -> restore or init -> [batch -> train_step -> log / preview / checkpoint]
+-> evaluate -> export. The task (sdjax.train.tasks) says what is trained: the UNet, the VAE or CLIP.
 
 Preemption safety: every step's randomness is fold_in(seed, step) and the data order is a function
 of the data seed and position, so restarting from a checkpoint (which holds the iterator's
@@ -7,7 +8,6 @@ position) replays exactly the steps an uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -22,14 +22,14 @@ from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops
 from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
 from sdjax.train import faults
-from sdjax.train.build import build_model
-from sdjax.train.checkpoint import Checkpoints, fingerprint
+from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import check_keys
 from sdjax.train.metrics_writer import MetricWriter
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.progress import Progress
 from sdjax.train.placement import create_state, replicated
-from sdjax.train.step import TrainState, make_train_step, trained_names
+from sdjax.train.step import TrainState, make_step
+from sdjax.train.tasks import Task, build_task, fit_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -59,20 +59,12 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
                          "micro-batch must split evenly over the mesh")
 
 
-def export(sd, state: TrainState, folder: str) -> None:
-    """Writes the EMA weights (with the frozen networks) as a diffusers folder (every process calls
+def export(task: Task, state: TrainState, folder: str) -> None:
+    """Writes the EMA weights (with the frozen networks) in the task's layout (every process calls
     this; process 0 writes)."""
     params = to_host({**state.frozen, **state.ema})
     if jax.process_index() == 0:
-        dataclasses.replace(sd, params=params, programs={}, mesh=None).save(folder)
-
-
-def _preview(sd, state: TrainState, config: ml_collections.ConfigDict, programs: dict) -> np.ndarray:
-    """Images for the fixed preview prompts from the current EMA weights (fixed seeds)."""
-    view = dataclasses.replace(sd, params={**state.frozen, **state.ema}, programs=programs, mesh=None)
-    side = config.data.resolution
-    return view.generate(list(config.log.preview_prompts), num_steps=config.log.preview_steps,
-                         guidance_scale=config.log.preview_guidance, height=side, width=side, seed=0)
+        task.export(params, folder)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -83,11 +75,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if lead:  # builds "shapes"/"folder" datasets once; a missing dataset or feature key fails here
         make_source(config.data)
     sync_processes("dataset ready")  # the other hosts open it in make_iterator, once it is built
+    if config.task == "tokenizer":  # no gradient steps: merges counted from the captions
+        if lead:
+            fit_tokenizer(config, workdir)
+        sync_processes("tokenizer written")
+        return {}
     mesh = make_mesh(config.mesh)
     rules = config.mesh.rules
-    sd = build_model(config.model, workdir)
-    trained = trained_names(config)
-    model_id = fingerprint(sd, trained)
+    task = build_task(config, workdir)
+    model_id = task.identity
     checkpoints = Checkpoints(workdir, config.checkpoint)
     latest = checkpoints.latest_step()
     if latest is not None:
@@ -96,17 +92,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    data = make_iterator(config.data, sd.tokenize, global_batch_size=config.batch_size, seed=config.seed,
+    data = make_iterator(config.data, task.tokenize, global_batch_size=config.batch_size, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state, shardings = create_state(sd, config, tx, mesh)
-    sd.params = {}  # all parameters now live in the state, whose buffers each step donates
+    state, shardings = create_state(task.networks, task.params, config, tx, mesh)
+    task.params = {}  # all parameters now live in the state, whose buffers each step donates
     if latest is not None:
         state, data_state = checkpoints.restore(latest, state)
         data.set_state(data_state)
         print(f"resumed from {checkpoints.directory} at step {latest}", flush=True)
 
-    step_fn = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
+    step_fn = jax.jit(make_step(task.objective, config, tx, shardings.params), donate_argnums=0,
                       out_shardings=(shardings, replicated(mesh)))
     batch = global_batch(next(data), mesh, rules)
     with activate(mesh, rules):
@@ -148,8 +144,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(step, logged)
                 progress.update(step, logged)
                 window, window_start, window_steps = [], time.perf_counter(), 0
-            if config.log.preview_every_steps and step % config.log.preview_every_steps == 0:
-                writer.write_images(step, {"preview": _preview(sd, state, config, previews)})  # process 0 writes
+            if task.preview and config.log.preview_every_steps and step % config.log.preview_every_steps == 0:
+                images = task.preview({**state.frozen, **state.ema}, previews)  # the EMA weights, fixed seeds
+                writer.write_images(step, {"preview": images})  # process 0 writes
                 window_start = time.perf_counter()  # keep sampling time out of the step time
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 checkpoints.save(state, data.get_state(), model_id)
@@ -160,9 +157,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             raise TrainingError(f"stopped at step {step}: the loss or gradient was non-finite "
                                 f"{config.optimizer.max_bad_steps} steps in a row")
         checkpoints.wait()
+        if task.evaluate:
+            scores = task.evaluate({**state.frozen, **state.ema})
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+            if lead:
+                print("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+            logged = {**logged, **{f"eval/{k}": v for k, v in scores.items()}}
         export_dir = os.path.join(workdir, "export")
         if config.export.at_end and not os.path.exists(export_dir):
-            export(sd, state, export_dir)
+            export(task, state, export_dir)
             if lead:
                 print(f"exported the EMA weights to {export_dir}")
     finally:

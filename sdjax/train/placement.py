@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import optax
@@ -15,26 +16,26 @@ from sdjax.train.build import initial_params
 from sdjax.train.step import TrainState, init_state
 
 
-def state_shardings(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[Any, Any]:
-    """(abstract TrainState, its NamedShardings) under config.mesh.rules."""
-    abstract = {n: abstract_params(m) for n, m in sd.networks.items()}
+def state_shardings(networks: dict[str, nn.Module], config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract TrainState, its NamedShardings) of a run over `networks` under config.mesh.rules."""
+    abstract = {n: abstract_params(m) for n, m in networks.items()}
     state = jax.eval_shape(lambda p: init_state(p, config, tx), abstract)
-    logical = {n: logical_axes(m) for n, m in sd.networks.items()}
+    logical = {n: logical_axes(m) for n, m in networks.items()}
     return state, tree_shardings(state, logical, mesh, config.mesh.rules)
 
 
-def create_state(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                 mesh: Mesh) -> tuple[TrainState, Any]:
-    """The step-0 state, created sharded: from the checkpoint's host arrays (placed shard by shard)
-    or, from scratch, initialised inside one jit whose outputs are sharded. Returns (state, shardings)."""
-    _, shardings = state_shardings(sd, config, tx, mesh)
-    make = jax.jit(lambda p: init_state(p, config, tx), out_shardings=shardings)
-    if sd.params:
-        placed = {n: place_params(p, sd.networks[n], mesh, config.mesh.rules) for n, p in sd.params.items()}
-        return make(placed), shardings
-    scratch = jax.jit(lambda: init_state(initial_params(sd, config.seed), config, tx), out_shardings=shardings)
-    return scratch(), shardings
+def create_state(networks: dict[str, nn.Module], params: dict[str, Any], config: ml_collections.ConfigDict,
+                 tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, Any]:
+    """The step-0 state, created sharded: networks in `params` (host arrays from files) are placed
+    shard by shard, the others initialised inside the same jit whose outputs are sharded.
+    Returns (state, shardings)."""
+    _, shardings = state_shardings(networks, config, tx, mesh)
+    placed = {n: place_params(p, networks[n], mesh, config.mesh.rules) for n, p in params.items()}
+    fresh = {n: m for n, m in networks.items() if n not in params}
+    make = jax.jit(lambda loaded: init_state({**loaded, **initial_params(fresh, config.seed)}, config, tx),
+                   out_shardings=shardings)
+    return make(placed), shardings
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,7 +1,7 @@
 """The training state and the one pure step: train_step(state, batch) -> (state, metrics).
 
-    batch (pixels in [-1, 1], token ids) -> frozen VAE encode x scaling factor -> noise at uniform
-    timesteps -> UNet predicts epsilon / v -> (min-SNR weighted) MSE -> AdamW -> EMA
+    batch -> the task's objective (sdjax.train.objectives: diffusion, VAE or contrastive loss)
+          -> gradients (optionally over scanned micro-batches) -> clip -> AdamW -> EMA
 
 A step whose loss or gradient is not finite consumes its batch but changes no parameter, optimizer
 or EMA value; `bad_steps` counts such steps in a row so the loop can stop the run.
@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sdjax.schedulers.base import ScheduleConfig, alphas_cumprod
-from sdjax.train.loss import min_snr_weights, noise_latents, prediction_target, sample_noise, weighted_mse
+from sdjax.train.objectives import Objective, diffusion_objective
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -34,13 +33,23 @@ class TrainState(flax.struct.PyTreeNode):
     frozen: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
+TASKS = ("unet", "vae", "clip", "tokenizer")
+
+
 def trained_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
+    """The networks a run of config.task trains (the others it uses stay frozen)."""
+    if config.task == "unet":
+        return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
+    if config.task in ("vae", "clip"):
+        return (config.task,)
+    if config.task == "tokenizer":
+        return ()
+    raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config.task!r}")
 
 
 def init_state(params: dict[str, Any], config: ml_collections.ConfigDict,
                tx: optax.GradientTransformation) -> TrainState:
-    """The step-0 state from the three networks' parameters (jittable, so it can run with sharded outputs)."""
+    """The step-0 state from the networks' parameters (jittable, so it can run with sharded outputs)."""
     names = trained_names(config)
     trained = {n: params[n] for n in names}
     return TrainState(step=jnp.int32(0), params=trained, opt_state=tx.init(trained),
@@ -58,43 +67,27 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 
 def make_train_step(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                     param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure step for this model and config (jit it with donate_argnums=0). `param_shardings`
-    (the trained params' shardings) keep accumulated gradients sharded like the parameters."""
-    schedule = ScheduleConfig.from_dict(sd.scheduler_config)
-    abar = jnp.asarray(alphas_cumprod(schedule))
-    num_timesteps = schedule.num_train_timesteps
-    prediction_type = schedule.prediction_type
-    scale = sd.vae.config.scaling_factor
-    accum = config.grad_accum_steps
-    loss_cfg, opt_cfg = config.loss, config.optimizer
+    """The UNet's diffusion step for `sd` (see `make_step`)."""
+    return make_step(diffusion_objective(sd, config), config, tx, param_shardings)
 
-    def draws(key: jax.Array, pixels: jax.Array) -> dict[str, jax.Array]:
-        """All of a step's randomness, drawn for the whole batch up front so that splitting it into
-        micro-batches changes nothing but the summation order."""
-        factor = sd.vae.config.downscale
-        shape = (pixels.shape[0], pixels.shape[1] // factor, pixels.shape[2] // factor, sd.vae.config.latent_channels)
-        k_post, k_t, k_noise = jax.random.split(key, 3)
-        return {"posterior": jax.random.normal(k_post, shape),
-                "timesteps": jax.random.randint(k_t, (shape[0],), 0, num_timesteps),
-                "noise": sample_noise(k_noise, shape, loss_cfg.offset_noise)}
+
+def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+              param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step minimising `objective` (jit it with donate_argnums=0). `param_shardings` (the
+    trained params' shardings) keep accumulated gradients sharded like the parameters."""
+    accum = config.grad_accum_steps
+    opt_cfg = config.optimizer
+    if accum > 1 and not objective.separable:
+        raise ValueError(f"grad_accum_steps {accum}: task {config.task!r} has a loss over the whole batch "
+                         "(contrastive), which micro-batches would change; use grad_accum_steps = 1")
 
     def micro_loss(params, frozen, batch, rand):
-        networks = {**frozen, **params}
-        context = sd.text_encoder.apply({"params": networks["text_encoder"]}, batch["input_ids"])[0]
-        mean, logvar = sd.vae.apply({"params": networks["vae"]}, batch["pixels"], method="encode")
-        latents = jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * rand["posterior"]) * scale)
-        latents = latents.astype(jnp.float32)
-        timesteps, noise = rand["timesteps"], rand["noise"]
-        noisy = noise_latents(latents, timesteps, noise, abar)
-        prediction = sd.unet.apply({"params": networks["unet"]}, noisy, timesteps, context)
-        target = prediction_target(latents, noise, timesteps, abar, prediction_type)
-        weights = min_snr_weights(timesteps, abar, loss_cfg.min_snr_gamma, prediction_type)
-        return weighted_mse(prediction, target, weights)
+        return objective.loss({**frozen, **params}, batch, rand)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
     def loss_and_grads(params, frozen, batch, key):
-        rand = draws(key, batch["pixels"])
+        rand = objective.draws(key, batch)
         if accum == 1:
             return grad_fn(params, frozen, batch, rand)
         # Micro-batch k takes rows k, k + accum, ...: every device holds rows of every micro-batch, so
