@@ -4,7 +4,7 @@ in about half an hour:
     python train.py --config configs/shapes_model.py --workdir runs/shapes
 
     tokenizer  BPE merges learnt from the captions             -> runs/shapes/tokenizer/export
-    vae        AutoencoderKL, L1 + L2 + KL, on 32x32 crops      -> runs/shapes/vae/export (vae/, PSNR logged)
+    vae        AutoencoderKL, L1 + L2 + KL                      -> runs/shapes/vae/export (vae/, PSNR logged)
     clip       CLIP text tower + ViT, contrastive               -> runs/shapes/clip/export (text_encoder/, tokenizer/)
     unet       latent diffusion on the frozen VAE and text tower -> runs/shapes/unet/export (the diffusers model)
 
@@ -62,7 +62,7 @@ def stages(c, workdir: str):
 
     vae = c.copy_and_resolve_references()
     vae.task = "vae"
-    vae.total_steps = 12 if tiny else 700
+    vae.total_steps = 12 if tiny else 1000
     vae.batch_size = 8 if tiny else 32
     vae.loss.crop = 16 if tiny else 32
     vae.optimizer.learning_rate = 1e-3
@@ -85,11 +85,11 @@ def stages(c, workdir: str):
     unet.task = "unet"
     unet.model.vae_from = os.path.join(workdir, "vae", "export")
     unet.model.text_encoder_from = os.path.join(workdir, "clip", "export")
-    unet.total_steps = 12 if tiny else 1600
-    unet.batch_size = 8 if tiny else 32
+    unet.total_steps = 12 if tiny else 2400
+    unet.batch_size = 8 if tiny else 64
     unet.data.caption_dropout = 0.1  # unconditional examples, for classifier-free guidance
     unet.loss.min_snr_gamma = 5.0
-    unet.optimizer.learning_rate = 1e-3 if tiny else 6e-4
+    unet.optimizer.learning_rate = 1e-3
     unet.optimizer.warmup_steps = 2 if tiny else 100
     unet.optimizer.ema_decay = 0.995
     unet.log.preview_every_steps = 0 if tiny else 400

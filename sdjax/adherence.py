@@ -313,6 +313,29 @@ def contact_sheet(images: np.ndarray, prompts: Sequence[str], columns: int = 8) 
     return sheet
 
 
+def labelled_grid(images: np.ndarray, prompts: Sequence[str], columns: int = 4, scale: int = 2) -> np.ndarray:
+    """The images enlarged `scale` times (nearest), each over its prompt written in two lines, with a
+    check or cross from the judge: the README's prompt -> image grid."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    tile_w, tile_h, text_h = w * scale + 8, h * scale + 8, 30
+    sheet = Image.new("RGB", (columns * tile_w, rows * (tile_h + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, prompt) in enumerate(zip(images, prompts)):
+        r, c = divmod(k, columns)
+        left, top = c * tile_w + 4, r * (tile_h + text_h) + 4
+        sheet.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (left, top))
+        wanted = parse_prompt(prompt)
+        mark = "ok" if judge(image, prompt)["all"] else "x"
+        lines = (f"{wanted['size']} {wanted['color']} {wanted['shape']}", f"on {wanted['background']}  [{mark}]")
+        for i, line in enumerate(lines):
+            draw.text((left, top + h * scale + 2 + 12 * i), line, fill=(0, 0, 0))
+    return np.asarray(sheet)
+
+
 def format_table(results: dict[Any, dict[str, float | int]], label: str = "guidance") -> str:
     """Accuracy rows: label | images | shape | color | size | background | all."""
     header = f"{label:>10} | {'images':>6} | " + " | ".join(f"{k:>10}" for k in (*ATTRIBUTES, "all"))
@@ -398,9 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from PIL import Image
 
         for g, images in out["images"].items():
-            path = os.path.join(args.out, f"contact-guidance-{g:g}.png")
-            Image.fromarray(contact_sheet(images, out["prompts"])).save(path)
-            print(f"wrote {path}")
+            for kind, picture in (("contact", contact_sheet(images, out["prompts"])),
+                                  ("grid", labelled_grid(images, out["prompts"]))):
+                path = os.path.join(args.out, f"{kind}-guidance-{g:g}.png")
+                Image.fromarray(picture).save(path)
+                print(f"wrote {path}")
     return 0
 
 

@@ -212,4 +212,5 @@ def test_main_prints_table_and_contact_sheets(tiny_sd, tmp_path, monkeypatch, ca
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.split("|")[0].strip() == "2.0" and line.split("|")[1].strip() == "2" for line in lines), lines
-    assert sorted(os.listdir(out_dir)) == ["contact-guidance-2.png", "contact-guidance-3.png"]
+    assert sorted(os.listdir(out_dir)) == ["contact-guidance-2.png", "contact-guidance-3.png",
+                                           "grid-guidance-2.png", "grid-guidance-3.png"]

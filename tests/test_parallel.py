@@ -113,6 +113,23 @@ def test_three_train_steps_match_one_device(tmp_path, data_dir, single_device_ru
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.fixture(scope="module")
+def single_device_clip_run(tmp_path_factory, data_dir):
+    return _train(str(tmp_path_factory.mktemp("clip_one")), data_dir, 1, "--config.task=clip")
+
+
+@pytest.mark.parametrize("name", ["data8", "fsdp8"])
+def test_contrastive_loss_spans_the_whole_sharded_batch(tmp_path, data_dir, single_device_clip_run, name):
+    """With 8 examples on 8 devices, each device holds one pair: a per-device loss would be 0, the
+    global one (every image against all 8 captions) is ~log 8 at the start and equals one device's."""
+    ref_losses, ref_params = single_device_clip_run
+    losses, params = _train(str(tmp_path), data_dir, 8, "--config.task=clip", *MESHES[name])
+    assert losses[0] > 1.0
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(params, ref_params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
 def test_sampling_matches_one_device(tmp_path, checkpoints):
     folder, _ = checkpoints["sd1"]
     script = tmp_path / "sample.py"
