@@ -86,7 +86,7 @@ def _train(workdir, data_dir, devices, *mesh):
                   "--config.export.at_end=False", *mesh, devices=devices, SDJAX_DATA_DIR=data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        losses = [m["loss"] for m in map(json.loads, f) if "loss" in m]  # vae / clip runs end with eval scores
     import jax
 
     from sdjax.train.checkpoint import read_state
@@ -127,7 +127,11 @@ def test_contrastive_loss_spans_the_whole_sharded_batch(tmp_path, data_dir, sing
     assert losses[0] > 1.0
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(params, ref_params):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+        # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all
+        # keys); Adam turns its rounding noise into +-lr steps of either sign, so such leaves, still
+        # within a few lr-sized steps of their zero init, are compared at that scale.
+        scale = np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale if scale > 1e-3 else 5e-5)
 
 
 def test_sampling_matches_one_device(tmp_path, checkpoints):
@@ -176,7 +180,7 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path, data_dir, single_d
     from sdjax.train.checkpoint import read_state
 
     with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        losses = [m["loss"] for m in map(json.loads, f) if "loss" in m]  # vae / clip runs end with eval scores
     params = [np.asarray(x) for x in jax.tree.leaves(read_state(workdir, 3)["params"])]
     ref_losses, ref_params = single_device_run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
