@@ -12,7 +12,6 @@ CPU's, which approximate TPU/GPU (other fusion, layouts and rematerialisation de
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -28,10 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
 from sdjax.flops import compiled_flops
 from sdjax.models.params import abstract_params, logical_axes
-from sdjax.models.presets import PRESETS
+from sdjax.models.presets import PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
 from sdjax.stable_diffusion import StableDiffusion
-from sdjax.train.build import SD_SCHEDULE, assemble
+from sdjax.train.build import SD_SCHEDULE, assemble, text_config
 
 GIB = 2 ** 30
 STATE_GROUPS = ("params", "opt_state", "ema", "frozen")
@@ -65,14 +64,12 @@ def choose_architecture(model: ml_collections.ConfigDict, flag: str | None, conf
     --architecture; config model.pretrained (its config.json files, no weights read);
     config model.architecture; the config file name's first word (sd15_finetune.py -> sd15)."""
     if flag:
-        if flag not in PRESETS:
-            raise ValueError(f"--architecture {flag!r} is unknown; known: {', '.join(PRESETS)}")
+        preset(flag, "--architecture")
         return flag, f"{flag} preset (--architecture)"
     if model.pretrained:
         return None, f"{model.pretrained} (architecture from its config.json files; no weights read)"
     if model.architecture:
-        if model.architecture not in PRESETS:
-            raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
+        preset(model.architecture)
         return model.architecture, f"{model.architecture} preset (config model.architecture)"
     guess = os.path.basename(config_path).split("_")[0].split(".")[0]
     if guess in PRESETS:
@@ -93,15 +90,15 @@ def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -
         configs = {name: read_component_config(model.pretrained, name) for name in COMPONENTS}
         scheduler_config = read_json(os.path.join(model.pretrained, "scheduler", "scheduler_config.json"))
     else:
-        preset = copy.deepcopy(PRESETS[architecture])
-        if not preset["text_encoder"]["vocab_size"]:
+        raw = preset(architecture)
+        configs = {name: COMPONENTS[name].config_cls.from_dict(raw[name], f"preset {architecture}/{name}")
+                   for name in COMPONENTS}
+        if not raw["text_encoder"]["vocab_size"]:
             from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
 
             with tempfile.TemporaryDirectory() as folder:
                 tokenizer = load_tokenizer(model.tokenizer) if model.tokenizer else write_bpe_tokenizer(folder)
-            preset["text_encoder"].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-        configs = {name: COMPONENTS[name].config_cls.from_dict(preset[name], f"preset {architecture}/{name}")
-                   for name in COMPONENTS}
+            configs["text_encoder"] = text_config(raw, tokenizer)
         scheduler_config = dict(SD_SCHEDULE)
     return assemble(configs, model, tokenizer=None, scheduler_config=scheduler_config, model_index={})
 

@@ -6,6 +6,8 @@ tests). A real checkpoint's own config.json always takes precedence when loading
 
 from __future__ import annotations
 
+import copy
+
 _SD_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
     "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
@@ -46,6 +48,13 @@ PRESETS: dict[str, dict[str, dict]] = {
                      use_linear_projection=True, upcast_attention=True, sample_size=96),
     },
 }
+
+
+def preset(name: str, key: str = "model.architecture") -> dict[str, dict]:
+    """A copy of PRESETS[name]; an unknown name is an error naming `key` (the flag or config key)."""
+    if name not in PRESETS:
+        raise ValueError(f"{key} {name!r} is unknown; known: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
 
 
 def _small_family(vae_channels: list[int], unet_channels: list[int], heads: int, text_width: int,

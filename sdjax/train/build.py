@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import zlib
 
@@ -14,7 +13,7 @@ import sdjax
 from sdjax.convert.diffusers import default_model_index, load_component
 from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 from sdjax.models.params import init_params
-from sdjax.models.presets import PRESETS
+from sdjax.models.presets import preset
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
 
@@ -48,9 +47,7 @@ def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[
     if not model.architecture:
         raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
                          "(--config.model.pretrained=PATH), or an architecture to train from scratch")
-    if model.architecture not in PRESETS:
-        raise ValueError(f"model.architecture {model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
-    preset = copy.deepcopy(PRESETS[model.architecture])
+    architecture = preset(model.architecture)
     configs, params = {}, {}
     if model.text_encoder_from:
         configs["text_encoder"], params["text_encoder"] = _stage_component(model.text_encoder_from, "text_encoder",
@@ -58,12 +55,12 @@ def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[
         tokenizer = load_tokenizer(os.path.join(model.text_encoder_from, "tokenizer"))
     else:
         tokenizer = scratch_tokenizer(model, workdir)
-        configs["text_encoder"] = text_config(preset, tokenizer)
+        configs["text_encoder"] = text_config(architecture, tokenizer)
     if model.vae_from:
         configs["vae"], params["vae"] = _stage_component(model.vae_from, "vae", "model.vae_from")
     else:
-        configs["vae"] = VAEConfig.from_dict(preset["vae"], "preset")
-    configs["unet"] = UNetConfig.from_dict(preset["unet"], "preset")
+        configs["vae"] = VAEConfig.from_dict(architecture["vae"], "preset")
+    configs["unet"] = UNetConfig.from_dict(architecture["unet"], "preset")
     return configs, params, tokenizer
 
 
@@ -73,9 +70,9 @@ def scratch_tokenizer(model: ml_collections.ConfigDict, workdir: str):
             else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
 
 
-def text_config(preset: dict, tokenizer) -> CLIPTextConfig:
-    """The preset's text tower sized to the tokenizer's vocabulary and EOS id."""
-    raw = dict(preset["text_encoder"], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+def text_config(architecture: dict, tokenizer) -> CLIPTextConfig:
+    """A preset's text tower sized to the tokenizer's vocabulary and EOS id."""
+    raw = dict(architecture["text_encoder"], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     return CLIPTextConfig.from_dict(raw, "preset")
 
 

@@ -12,7 +12,6 @@ tokenized for its batches (None: images only).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -31,7 +30,7 @@ from sdjax.convert.safetensors_io import write_safetensors
 from sdjax.data.pipeline import all_captions, held_out
 from sdjax.models import AutoencoderKL, VAEConfig
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
-from sdjax.models.presets import PRESETS
+from sdjax.models.presets import preset
 from sdjax.train.build import build_model, scratch_tokenizer, text_config
 from sdjax.train.checkpoint import fingerprint
 from sdjax.train.objectives import Objective, clip_objective, diffusion_objective, vae_objective
@@ -61,17 +60,18 @@ def build_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     if config.model.pretrained:
         raise ValueError(f"model.pretrained: task {config.task!r} trains from scratch; use model.vae_from "
                          "to start a vae run from a trained VAE")
-    if config.model.architecture not in PRESETS:
-        raise ValueError(f"model.architecture {config.model.architecture!r} is unknown; known: {', '.join(PRESETS)}")
-    return (_vae_task if config.task == "vae" else _clip_task)(config, workdir, trained)
+    architecture = preset(config.model.architecture)
+    return (_vae_task if config.task == "vae" else _clip_task)(config, workdir, trained, architecture)
 
 
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples become lists, as they do in a saved checkpoint
 
 
-def _chunked(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(inputs[i:i + EVAL_CHUNK])) for i in range(0, len(inputs), EVAL_CHUNK)])
+def _chunked(fn: Callable[[np.ndarray], Any], inputs: np.ndarray) -> Any:
+    """fn over `inputs` in chunks of EVAL_CHUNK rows, its outputs (arrays or tuples of them) joined on host."""
+    outputs = [jax.device_get(fn(inputs[i:i + EVAL_CHUNK])) for i in range(0, len(inputs), EVAL_CHUNK)]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
@@ -123,7 +123,8 @@ def psnr(reconstruction: np.ndarray, target: np.ndarray) -> np.ndarray:
     return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
-def _vae_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[str, ...]) -> Task:
+def _vae_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[str, ...],
+              architecture: dict) -> Task:
     from sdjax.convert.diffusers import load_component
 
     model = config.model
@@ -131,37 +132,28 @@ def _vae_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[st
         vae_config, params = load_component(model.vae_from, "vae")
         params = {"vae": params}
     else:
-        vae_config, params = VAEConfig.from_dict(PRESETS[model.architecture]["vae"], "preset"), {}
+        vae_config, params = VAEConfig.from_dict(architecture["vae"], "preset"), {}
     kw = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32)
     vae = AutoencoderKL(vae_config, **kw)
-    data = {}  # the held-out images, read once when first needed
-
-    def images() -> np.ndarray:
-        if "pixels" not in data:
-            data["pixels"] = held_out(config.data, config.eval.split, config.eval.num_examples)["pixels"]
-        return data["pixels"]
+    final = {}  # the held-out scores of the final weights: the loop evaluates, then exports them
 
     @jax.jit
     def reconstruct(p, pixels):
         mean, _ = vae.apply({"params": p}, pixels, method="encode")
         return vae.apply({"params": p}, mean, method="decode").astype(jnp.float32), mean.astype(jnp.float32)
 
-    def latents_and_psnr(all_params: dict) -> tuple[np.ndarray, np.ndarray]:
-        pixels = images()
-        outputs = [jax.device_get(reconstruct(all_params["vae"], pixels[i:i + EVAL_CHUNK]))
-                   for i in range(0, len(pixels), EVAL_CHUNK)]
-        recon = np.concatenate([o[0] for o in outputs])
-        return np.concatenate([o[1] for o in outputs]), psnr(recon, pixels)
-
     def evaluate(all_params: dict) -> dict[str, float]:
-        latents, scores = latents_and_psnr(all_params)
-        return {"psnr": float(np.mean(scores)), "psnr_min": float(np.min(scores)),
-                "latent_std": float(np.std(latents)), "eval_images": float(len(scores))}
+        pixels = held_out(config.data, config.eval.split, config.eval.num_examples)["pixels"]
+        recon, latents = _chunked(lambda x: reconstruct(all_params["vae"], x), pixels)
+        scores = psnr(recon, pixels)
+        final.update(psnr=float(np.mean(scores)), psnr_min=float(np.min(scores)),
+                     latent_std=float(np.std(latents)), eval_images=float(len(scores)))
+        return dict(final)
 
     def export(all_params: dict, folder: str) -> None:
         # SD's rule: scale latents to unit variance for the diffusion model (0.18215 for SD's VAE).
-        latents, _ = latents_and_psnr(all_params)
-        scaled = dataclasses.replace(vae_config, scaling_factor=float(1.0 / np.std(latents)))
+        latent_std = final["latent_std"] if final else evaluate(all_params)["latent_std"]
+        scaled = dataclasses.replace(vae_config, scaling_factor=1.0 / latent_std)
         save_components(folder, configs={"vae": scaled}, params={"vae": all_params["vae"]})
 
     identity = _json({"task": "vae", "configs": {"vae": vae_config.to_dict()}, "trained": list(trained)})
@@ -172,13 +164,13 @@ def _vae_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[st
 # --- clip -------------------------------------------------------------------------------------------
 
 
-def clip_config(config: ml_collections.ConfigDict, tokenizer) -> CLIPConfig:
+def clip_config(config: ml_collections.ConfigDict, tokenizer, architecture: dict) -> CLIPConfig:
     """The dual encoder: the preset's text tower (sized to the tokenizer) and config.model.clip's ViT."""
     raw = dict(config.model.clip)
     projection_dim = raw.pop("projection_dim")
     vision = CLIPVisionConfig.from_dict(dict(raw, image_size=config.data.resolution,
                                              intermediate_size=4 * raw["hidden_size"]), "config.model.clip")
-    return CLIPConfig(text=text_config(copy.deepcopy(PRESETS[config.model.architecture]), tokenizer),
+    return CLIPConfig(text=text_config(architecture, tokenizer),
                       vision=vision, projection_dim=projection_dim)
 
 
@@ -198,7 +190,8 @@ def retrieval_accuracy(image_emb: np.ndarray, text_emb: np.ndarray, captions: li
             "eval_images": float(len(captions)), "eval_texts": float(len(texts))}
 
 
-def _clip_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[str, ...]) -> Task:
+def _clip_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[str, ...],
+               architecture: dict) -> Task:
     from sdjax.tokenizer import tokenize
 
     model = config.model
@@ -206,15 +199,12 @@ def _clip_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[s
         raise ValueError("task 'clip' trains both towers from scratch; model.text_encoder_from and "
                          "model.vae_from must be empty")
     tokenizer = scratch_tokenizer(model, workdir)
-    cfg = clip_config(config, tokenizer)
+    cfg = clip_config(config, tokenizer, architecture)
     clip = CLIPModel(cfg, dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32)
     length = cfg.text.max_position_embeddings
     tokenize_fn = lambda prompts: tokenize(tokenizer, prompts, length)
-    data = {}
-
     def evaluate(all_params: dict) -> dict[str, float]:
-        if not data:
-            data.update(held_out(config.data, config.eval.split, config.eval.num_examples))
+        data = held_out(config.data, config.eval.split, config.eval.num_examples)
         variables = {"params": all_params["clip"]}
         texts = sorted(set(data["captions"]))
         image_emb = _chunked(jax.jit(lambda x: clip.apply(variables, x, method="encode_image")), data["pixels"])
