@@ -7,6 +7,7 @@ in about half an hour:
     vae        AutoencoderKL, L1 + L2 + KL                      -> runs/shapes/vae/export (vae/, PSNR logged)
     clip       CLIP text tower + ViT, contrastive               -> runs/shapes/clip/export (text_encoder/, tokenizer/)
     unet       latent diffusion on the frozen VAE and text tower -> runs/shapes/unet/export (the diffusers model)
+               (trains on latents the VAE encodes once into runs/shapes/unet/latent_cache)
 
 Each stage is an ordinary run in workdir/<stage> (resumed where it stopped, skipped when done);
 `--stage NAME` runs one. `--config.X=V` overrides apply to every stage, after its own settings.
@@ -62,7 +63,7 @@ def stages(c, workdir: str):
 
     vae = c.copy_and_resolve_references()
     vae.task = "vae"
-    vae.total_steps = 12 if tiny else 1000
+    vae.total_steps = 12 if tiny else 2500  # 1000 steps kept the shape of only 71% of small shapes, 2500: 99%
     vae.batch_size = 8 if tiny else 32
     vae.loss.crop = 16 if tiny else 32
     vae.optimizer.learning_rate = 1e-3
@@ -85,9 +86,11 @@ def stages(c, workdir: str):
     unet.task = "unet"
     unet.model.vae_from = os.path.join(workdir, "vae", "export")
     unet.model.text_encoder_from = os.path.join(workdir, "clip", "export")
-    unet.total_steps = 12 if tiny else 2400
+    unet.total_steps = 12 if tiny else 3000
     unet.batch_size = 8 if tiny else 64
     unet.data.caption_dropout = 0.1  # unconditional examples, for classifier-free guidance
+    unet.data.cache_latents = True  # the frozen VAE encodes the split once, not every step (in :tiny too)
+    unet.model.prediction_type = "v_prediction"  # at equal steps it drew the asked shape more often than epsilon
     unet.loss.min_snr_gamma = 5.0
     unet.optimizer.learning_rate = 1e-3
     unet.optimizer.warmup_steps = 2 if tiny else 100

@@ -160,10 +160,15 @@ def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: 
     tx = make_optimizer(config.optimizer, config.total_steps)
     abstract, shardings = state_shardings(sd.networks, config, tx, mesh)
     side, length = config.data.resolution, sd.text_encoder.config.max_position_embeddings
-    batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, side, side, 3), jnp.float32,
-                                            sharding=batch_sharding(mesh, rules, 4)),
-             "input_ids": jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
-                                               sharding=batch_sharding(mesh, rules, 2))}
+    images = lambda shape: jax.ShapeDtypeStruct((config.batch_size,) + shape, jnp.float32,
+                                                sharding=batch_sharding(mesh, rules, 4))
+    if config.data.cache_latents:  # the step reads the cached posteriors and runs no encoder
+        side_latent, channels = side // sd.vae.config.downscale, sd.vae.config.latent_channels
+        batch = {name: images((side_latent, side_latent, channels)) for name in ("latent_mean", "latent_logvar")}
+    else:
+        batch = {"pixels": images((side, side, 3))}
+    batch["input_ids"] = jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
+                                              sharding=batch_sharding(mesh, rules, 2))
     step = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)))
     compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules)

@@ -15,6 +15,7 @@ import sdjax
 from sdjax import adherence
 from sdjax.adherence import (ATTRIBUTES, NONE, all_prompts, analyse, dataset_accuracy, evaluate_model,
                              evaluation_prompts, judge, parse_prompt, score)
+from cli_checks import assert_one_line_exit_2
 from sdjax.data.shapes import BACKGROUNDS, COLORS, RGB, SHAPES, SIZES, caption, make_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,13 +161,7 @@ def test_cli_bad_flags_exit_2(args, message):
     (["--data-check", "0"], "--data-check must be >= 1"),
 ])
 def test_main_bad_flags_exit_2(args, message, tmp_path, capsys):
-    argv = [a.format(tmp=tmp_path) for a in args]
-    try:
-        code = adherence.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and message in err and err.strip().count("\n") == 0, err
+    assert_one_line_exit_2(adherence.main, [a.format(tmp=tmp_path) for a in args], message, capsys)
 
 
 def test_main_data_check(capsys):

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from sdjax.data import preprocess, shapes
-from sdjax.data.pipeline import default_data_config, make_dataset, make_iterator, make_source
+from sdjax.data.latent_cache import ensure_latent_cache
+from sdjax.data.pipeline import default_data_config, image_preprocess, make_dataset, make_iterator, make_source
 from sdjax.data.prepare import main as prepare_main
 from sdjax.data.prepare import prepare
 
@@ -228,7 +230,7 @@ def test_resize_crop_and_flip_of_a_wide_image():
 
 def test_unreadable_images_are_skipped_counted_and_logged(data_dir, caplog):
     config = numbered_config(data_dir, name="corrupt")
-    dataset = make_dataset(config, make_source(config), seed=0)
+    dataset = make_dataset(make_source(config), image_preprocess(config), seed=0)
     preprocess.reset_unreadable_count()
     with caplog.at_level(logging.WARNING, logger="sdjax.data.preprocess"):
         epoch = [dataset[i] for i in range(16)]
@@ -241,6 +243,91 @@ def test_unreadable_images_are_skipped_counted_and_logged(data_dir, caplog):
     good = {f"example {i}" for i in range(16) if i not in SdjaxTestNumbered.CORRUPT}
     assert set(captions) == good
     assert preprocess.unreadable_images_skipped() >= 2 * len(SdjaxTestNumbered.CORRUPT)
+
+
+# --- latent cache -------------------------------------------------------------------------------
+
+
+def fake_encode(pixels):
+    """A stand-in for the VAE, a function of each image alone: 4x4 average pooling and its negative."""
+    pooled = pixels.reshape(len(pixels), RES // 4, 4, RES // 4, 4, 3).mean(axis=(2, 4))
+    return pooled, -pooled
+
+
+def test_cached_stream_is_the_pixel_stream_encoded(data_dir, tmp_path):
+    """Same examples in the same order, same captions (dropout drawn per position), unreadable images
+    skipped, same host rows and the same iterator state (either stream resumes from the other's)."""
+    config = numbered_config(data_dir, name="corrupt", caption_dropout=0.3)
+    folder = str(tmp_path / "cache")
+    ensure_latent_cache(folder, config, fake_encode, {"encoder": "fake"}, chunk=5, progress=False)
+    with open(os.path.join(folder, "meta.json")) as f:
+        assert json.load(f)["unreadable"] == len(SdjaxTestNumbered.CORRUPT)
+    for count in (1, 2):
+        for index in range(count):
+            kw = dict(global_batch_size=4, seed=3, process_index=index, process_count=count)
+            pixels, cached = make_iterator(config, tokenize, **kw), make_iterator(config, tokenize, latents=folder, **kw)
+            for _ in range(12):  # several epochs of the 14 readable examples
+                want, got = next(pixels), next(cached)
+                assert set(got) == {"latent_mean", "latent_logvar", "input_ids"}
+                np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+                mean, logvar = fake_encode(want["pixels"])
+                np.testing.assert_allclose(got["latent_mean"], mean, rtol=1e-6)
+                np.testing.assert_allclose(got["latent_logvar"], logvar, rtol=1e-6)
+            state = json.loads(json.dumps(pixels.get_state()))
+            assert cached.get_state() == state
+            resumed = make_iterator(config, tokenize, latents=folder, **kw)
+            resumed.set_state(state)
+            for want, got in zip(take(cached, 5), take(resumed, 5)):
+                for key in want:
+                    np.testing.assert_array_equal(want[key], got[key])
+    captions = take(make_iterator(config, tokenize, global_batch_size=4, seed=3, latents=folder), 30)
+    assert 0 < np.mean([detokenize(r) == "" for b in captions for r in b["input_ids"]]) < 0.5
+
+
+def test_cached_caption_choice_matches_a_caption_sequence():
+    """A cache stores every caption as a list; picking from it gives what the raw feature gives."""
+    raw = np.asarray([b"first", b"second", b"third"], dtype=object)
+    for seed in range(20):
+        draws = preprocess.draw(np.random.default_rng(seed))
+        listed = np.asarray(preprocess.caption_values(raw), dtype=object)
+        assert preprocess.choose_caption(listed, draws, 0.2) == preprocess.choose_caption(raw, draws, 0.2)
+    assert preprocess.caption_values(b"one") == ["one"]
+
+
+def test_latent_cache_is_reused_rebuilt_when_its_inputs_change_and_never_half_written(data_dir, tmp_path, capsys):
+    config = numbered_config(data_dir)
+    folder = str(tmp_path / "cache")
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return fake_encode(pixels)
+
+    ensure_latent_cache(folder, config, encode, {"vae": "a"}, chunk=24, progress=False)
+    assert calls == [24, 24, 16]  # the 64 examples
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    calls.clear()
+    ensure_latent_cache(folder, config, encode, {"vae": "a"}, chunk=24, progress=False)
+    assert calls == [] and "latent cache: reusing" in capsys.readouterr().out
+    ensure_latent_cache(folder, config, encode, {"vae": "b"}, chunk=24, progress=False)
+    assert calls and "out of date (vae changed); rebuilding" in capsys.readouterr().out
+
+    def fails_midway(pixels):
+        if len(calls) > 3:
+            raise RuntimeError("killed")
+        return encode(pixels)
+
+    with pytest.raises(RuntimeError):
+        ensure_latent_cache(folder, config, fails_midway, {"vae": "c"}, chunk=24, progress=False)
+    with open(os.path.join(folder, "meta.json")) as f:
+        assert json.load(f)["identity"]["vae"] == "b"  # the last complete cache, untouched
+    shutil.rmtree(folder)  # as if that build had started in a fresh workdir
+    with pytest.raises(RuntimeError):
+        ensure_latent_cache(folder, config, fails_midway, {"vae": "c"}, chunk=24, progress=False)
+    assert not os.path.exists(folder)  # only the staging folder, which the next build clears
+    calls.clear()
+    ensure_latent_cache(folder, config, encode, {"vae": "c"}, chunk=24, progress=False)
+    assert calls == [24, 24, 16] and sorted(os.listdir(tmp_path)) == ["cache"]
 
 
 # --- image folders ------------------------------------------------------------------------------

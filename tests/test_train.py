@@ -74,13 +74,18 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     third = run_train(killed, data_dir, *steps)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "resumed from" in third.stdout
-    a, b = _final(straight), _final(killed)
+    assert_same_final_state(straight, killed, 12)
+
+
+def assert_same_final_state(straight, resumed, step):
+    """The exported UNet and the checkpointed params and optimizer state at `step` are bitwise equal."""
+    a, b = _final(straight), _final(resumed)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     from sdjax.train.checkpoint import read_state
 
-    sa, sb = read_state(straight, 12), read_state(killed, 12)
+    sa, sb = read_state(straight, step), read_state(resumed, step)
     for x, y in zip(*(jax_leaves(t["params"]) for t in (sa, sb))):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(*(jax_leaves(t["opt_state"]) for t in (sa, sb))):
@@ -99,12 +104,74 @@ def jax_leaves(tree):
     (["--config.data.source=tfds", "--config.data.name=no_such_dataset"], "no_such_dataset"),
     (["--config.data.caption_key=text"], "text"),
     (["--config.model.architecture=huge"], "model.architecture 'huge' is unknown"),
+    (["--config.data.cache_latents=True", "--config.task=vae"], "data.cache_latents: only task 'unet'"),
+    (["--config.data.cache_latents=True", "--config.data.crop=random"], "data.cache_latents: a cache holds one crop"),
+    (["--config.data.cache_latents=True", "--config.data.flip=True"], "data.cache_latents: a cache holds one orien"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, data_dir, flags, message):
     result = run_train(tmp_path / "run", data_dir, "--config.total_steps=2", *flags)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+CACHED = ["--config.data.cache_latents=True"]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_cached_latents_train_as_pixels_do_and_resume_exactly(tmp_path, data_dir):
+    """data.cache_latents: the first loss is the pixel run's (same seed, same draws; the encode is only
+    batched differently), and a run killed mid-way reuses its cache and ends bitwise where an
+    uninterrupted one does."""
+    steps = ["--config.total_steps=12", "--config.log.every_steps=1"]
+    pixels = run_train(tmp_path / "pixels", data_dir, "--config.total_steps=1", "--config.export.at_end=False")
+    assert pixels.returncode == 0, pixels.stderr[-3000:]
+    straight = tmp_path / "straight"
+    result = run_train(straight, data_dir, *steps, *CACHED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "latent cache: encoding the 256 images" in result.stdout
+    np.testing.assert_allclose(_losses(straight)[0], _losses(tmp_path / "pixels")[0], rtol=1e-4)
+    killed = tmp_path / "killed"
+    first = run_train(killed, data_dir, *steps, *CACHED, fault="step:6")
+    assert first.returncode == -9, first.stderr[-2000:]
+    second = run_train(killed, data_dir, *steps, *CACHED)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "latent cache: reusing" in second.stdout and "at step 4" in second.stdout
+    assert_same_final_state(straight, killed, 12)
+
+
+def test_latent_cache_follows_the_vae(tmp_path, data_dir, capsys):
+    """The cache holds the frozen VAE's posterior of each image, is reused while that VAE is the same
+    and rebuilt when its weights change."""
+    import jax
+
+    from sdjax.data.pipeline import held_out
+    from sdjax.models import AutoencoderKL, VAEConfig
+    from sdjax.models.presets import preset
+    from sdjax.train.build import initial_params
+    from sdjax.train.config import base_config
+    from sdjax.train.tasks import cache_latents
+
+    config = base_config()
+    config.data.update(data_dir=data_dir, resolution=32, shapes={"num_examples": 64, "num_test_examples": 8, "seed": 0})
+    config.log.progress_bar = False
+    vae = AutoencoderKL(VAEConfig.from_dict(preset("tiny")["vae"], "preset"))
+    params = [jax.device_get(initial_params({"vae": vae}, seed)["vae"]) for seed in (0, 1)]
+    folder = str(tmp_path / "latent_cache")
+    cache_latents(config, folder, vae, params[0])
+    cache_latents(config, folder, vae, params[0])
+    assert "latent cache: reusing" in capsys.readouterr().out
+    first = held_out(config.data, config.data.split, 1)["pixels"]  # example 0 of the split
+    mean, logvar = vae.apply({"params": params[0]}, first, method="encode")
+    np.testing.assert_allclose(np.load(os.path.join(folder, "mean.npy"))[0], mean[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(os.path.join(folder, "logvar.npy"))[0], logvar[0], rtol=1e-5, atol=1e-6)
+    cache_latents(config, folder, vae, params[1])
+    assert "out of date (vae_params_sha256 changed); rebuilding" in capsys.readouterr().out
+    assert not np.allclose(np.load(os.path.join(folder, "mean.npy"))[0], mean[0])
 
 
 def test_workdir_of_a_different_model_is_refused(tmp_path, data_dir):

@@ -6,6 +6,9 @@
     batch = next(it)   # {"pixels": f32 (B_local, R, R, 3) in [-1, 1], "input_ids": i32 (B_local, L)}
     state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes bitwise
 
+With `latents=folder` (a cache that sdjax.data.latent_cache wrote: the split's VAE posteriors) the
+batches hold "latent_mean" and "latent_logvar" instead of "pixels"; everything below holds for both.
+
 Stream order: one global stream — the split shuffled by the seed, repeated forever (reshuffled each
 epoch), preprocessed with randomness drawn from (seed, global position) — cut into global batches;
 host h reads rows [h * B_local, (h + 1) * B_local) of each. So the global batch, and with it the
@@ -32,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sdjax.data.prepare import default_data_dir, prepare
-from sdjax.data.preprocess import CROPS, Preprocess
+from sdjax.data.preprocess import CROPS, Preprocess, caption_values
 
 SOURCES = ("shapes", "folder", "tfds")
 
@@ -57,6 +60,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.crop = "center"  # "center" | "random"
     config.flip = False  # random horizontal flip (off by default: captions may say left/right)
     config.caption_dropout = 0.1  # probability of the empty prompt, for classifier-free guidance
+    # Task "unet": encode the split once with the frozen VAE into workdir/latent_cache (reused while the
+    # VAE and the data match) and train on those posteriors instead of encoding pixels in every step.
+    # The cache holds one crop of each image: needs crop "center" and flip False.
+    config.cache_latents = False
     config.worker_count = 0  # grain worker processes; 0 reads in this process
     config.read_threads = 8  # reader threads per process
     config.prefetch_buffer = 256  # preprocessed examples kept ready per process
@@ -129,7 +136,8 @@ def make_source(data_config) -> Sequence[dict]:
     return source
 
 
-def _preprocess(data_config) -> Preprocess:
+def image_preprocess(data_config) -> Preprocess:
+    """The pixel stream's per-example transform, as data_config sets it up."""
     return Preprocess(image_key=data_config.image_key, caption_key=data_config.caption_key,
                       resolution=int(data_config.resolution), crop=data_config.crop, flip=bool(data_config.flip),
                       caption_dropout=float(data_config.caption_dropout))
@@ -142,7 +150,7 @@ def held_out(data_config, split: str, num_examples: int) -> dict[str, Any]:
     data_config = ml_collections.ConfigDict(dict(data_config.to_dict(), split=split, crop="center", flip=False,
                                                  caption_dropout=0.0))
     source = make_source(data_config)
-    preprocess, rng = _preprocess(data_config), np.random.default_rng(0)  # rng draws are unused here
+    preprocess, rng = image_preprocess(data_config), np.random.default_rng(0)  # rng draws are unused here
     examples = []
     for i in range(len(source)):
         example = preprocess(source[i], rng)
@@ -152,19 +160,19 @@ def held_out(data_config, split: str, num_examples: int) -> dict[str, Any]:
             break
     if not examples:
         raise ValueError(f"data split {split!r} has no readable example to evaluate on")
-    pixels = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    return {"pixels": pixels, "captions": [e["caption"] for e in examples]}
+    return {"pixels": to_pixels([e["image"] for e in examples]), "captions": [e["caption"] for e in examples]}
+
+
+def to_pixels(images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 images (R, R, 3), as the pipeline carries them, stacked into float32 in [-1, 1]."""
+    return np.stack(images).astype(np.float32) / 127.5 - 1.0
 
 
 def all_captions(data_config, limit: int = 0) -> list[str]:
     """Every caption of the first `limit` examples of data.split (0 = all), e.g. to train a tokenizer."""
     source = make_source(data_config)
     count = len(source) if limit <= 0 else min(limit, len(source))
-    texts = []
-    for i in range(count):
-        value = np.asarray(source[i][data_config.caption_key], dtype=object).reshape(-1)
-        texts.extend(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value)
-    return texts
+    return [text for i in range(count) for text in caption_values(source[i][data_config.caption_key])]
 
 
 def _derived_seed(*numbers: int) -> int:
@@ -192,10 +200,12 @@ class _HostRows(grain.MapDataset):
         return f"HostRows(global={self._global}, local={self._local}, offset={self._offset})"
 
 
-def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_index: int = 0,
-                 process_count: int = 1, global_batch_size: int | None = None) -> grain.MapDataset:
-    """This host's infinite stream of preprocessed examples {"image": uint8 (R, R, 3), "caption": str}:
-    its rows of each global batch (of global_batch_size; default process_count, i.e. one row each).
+def make_dataset(source: Sequence[dict | None], transform: Callable[[dict, np.random.Generator], dict | None], *,
+                 seed: int, process_index: int = 0, process_count: int = 1,
+                 global_batch_size: int | None = None) -> grain.MapDataset:
+    """This host's infinite stream of `transform(source example, rng)`: its rows of each global batch
+    (of global_batch_size; default process_count, i.e. one row each). With the pixel stream's
+    `image_preprocess` the examples are {"image": uint8 (R, R, 3), "caption": str}.
 
     Positions whose image cannot be decoded hold None; `make_iterator` drops them.
     """
@@ -206,14 +216,15 @@ def make_dataset(data_config, source: Sequence[dict], *, seed: int, process_inde
         raise ValueError(f"data.split: {len(source)} example(s) cannot fill a global batch of {global_batch_size}")
     dataset = grain.MapDataset.source(source).shuffle(seed=_derived_seed(seed, 0)).repeat()
     # Augmentation randomness by global position, so that it too ignores the number of hosts.
-    dataset = dataset.random_map(_preprocess(data_config), seed=_derived_seed(seed, 1))
+    dataset = dataset.random_map(transform, seed=_derived_seed(seed, 1))
     if process_count == 1:
         return dataset
     return _HostRows(dataset, global_batch_size, global_batch_size // process_count, process_index)
 
 
 class _Collate:
-    """Stacks examples into a batch and tokenizes the captions.
+    """Stacks examples into a batch (uint8 "image" becomes float "pixels"; other arrays, e.g. cached
+    latents, keep their name) and tokenizes the captions.
 
     A class rather than a closure so that grain worker processes can pickle it with tokenize_fn.
     """
@@ -222,32 +233,42 @@ class _Collate:
         self.tokenize_fn = tokenize_fn
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        pixels = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+        batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key not in ("image", "caption")}
+        if "image" in examples[0]:
+            batch["pixels"] = to_pixels([e["image"] for e in examples])
         if self.tokenize_fn is None:  # image-only training (the VAE)
-            return {"pixels": pixels}
+            return batch
         captions = [e["caption"] for e in examples]
         input_ids = np.asarray(self.tokenize_fn(captions))
         if input_ids.ndim != 2 or input_ids.shape[0] != len(captions):
             raise ValueError(f"tokenize_fn returned shape {input_ids.shape} for {len(captions)} captions; "
                              "expected (num_captions, max_length)")
-        return {"pixels": pixels, "input_ids": input_ids.astype(np.int32, copy=False)}
+        return {**batch, "input_ids": input_ids.astype(np.int32, copy=False)}
 
 
 def make_iterator(data_config, tokenize_fn: TokenizeFn | None, *, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                  process_index: int = 0, process_count: int = 1, latents: str = "") -> grain.DatasetIterator:
     """An endless, checkpointable iterator over this host's batches.
 
     Each batch: "pixels" float32 (B_local, R, R, 3) in [-1, 1] and "input_ids" int32 (B_local, L),
     B_local = global_batch_size // process_count. `tokenize_fn(list[str]) -> int array (N, L)`; with
     tokenize_fn None, batches hold only "pixels".
+    With `latents` (a cache folder of sdjax.data.latent_cache, made from this data_config's split)
+    "latent_mean" and "latent_logvar" float32 (B_local, h, w, C) replace "pixels": the same examples
+    in the same order, with the same captions drawn.
     The iterator's `get_state()` is JSON-serialisable and `set_state(state)` resumes exactly.
     """
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of "
                          f"process_count {process_count}")
     batch_size = global_batch_size // process_count
-    source = make_source(data_config)
-    examples = make_dataset(data_config, source, seed=seed, process_index=process_index, process_count=process_count,
+    if latents:
+        from sdjax.data.latent_cache import CachedExample, LatentCache  # which builds on this module
+
+        source, transform = LatentCache(latents), CachedExample(float(data_config.caption_dropout))
+    else:
+        source, transform = make_source(data_config), image_preprocess(data_config)
+    examples = make_dataset(source, transform, seed=seed, process_index=process_index, process_count=process_count,
                             global_batch_size=global_batch_size)
     read_options = grain.ReadOptions(num_threads=int(data_config.read_threads),
                                      prefetch_buffer_size=int(data_config.prefetch_buffer))

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,34 @@ def _count_unreadable() -> int:
         return _unreadable
 
 
+class Draws(NamedTuple):
+    """Every random number one example uses, drawn up front and always in the same order, so that
+    changing one option (e.g. turning flip on) does not shift the draws of the others, and the
+    cached-latent stream (sdjax.data.latent_cache) drops and picks the same captions as this one."""
+
+    drop: float
+    flip: float
+    crop_y: float
+    crop_x: float
+    pick: float
+
+
+def draw(rng: np.random.Generator) -> Draws:
+    """One example's random numbers, from the generator grain hands to `random_map`."""
+    return Draws(*rng.random(5))
+
+
+def choose_caption(value: Any, draws: Draws, caption_dropout: float) -> str:
+    """The empty prompt with probability caption_dropout, else the caption (one of several at random)."""
+    return "" if draws.drop < caption_dropout else _caption_text(value, draws.pick)
+
+
+def caption_values(value: Any) -> list[str]:
+    """Every caption of an example's caption feature (a Text feature or a sequence of them) as str."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v)
+            for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """The per-example transform; a plain picklable object so grain worker processes can run it."""
@@ -57,21 +86,26 @@ class Preprocess:
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict | None:
         """{"image": uint8 (R, R, 3), "caption": str}, or None when the image cannot be decoded."""
-        # Draw every number up front, always in the same order, so that changing one option
-        # (e.g. turning flip on) does not shift the draws of the others.
-        drop, flip, crop_y, crop_x, pick = rng.random(5)
+        draws = draw(rng)
+        pixels = self.image(example, draws)
+        if pixels is None:
+            return None
+        return {"image": pixels, "caption": choose_caption(example[self.caption_key], draws, self.caption_dropout)}
+
+    def image(self, example: dict, draws: Draws) -> np.ndarray | None:
+        """The example's image as uint8 (R, R, 3), cropped and flipped as `draws` say; None (logged and
+        counted) when it cannot be decoded."""
         encoded = example[self.image_key]  # a missing key is a config error, not a bad image
         try:
             image = _to_pil_rgb(encoded, self.resolution)
-            pixels = _resize_and_crop(image, self.resolution, self.crop, crop_y, crop_x)
+            pixels = _resize_and_crop(image, self.resolution, self.crop, draws.crop_y, draws.crop_x)
         except Exception as e:  # any decoder failure: skip the example, never stop training
             count = _count_unreadable()
             log.warning("unreadable image skipped (%s: %s); %d skipped so far", type(e).__name__, e, count)
             return None
-        if self.flip and flip < 0.5:
+        if self.flip and draws.flip < 0.5:
             pixels = pixels[:, ::-1]
-        caption = "" if drop < self.caption_dropout else _caption_text(example[self.caption_key], pick)
-        return {"image": np.ascontiguousarray(pixels), "caption": caption}
+        return np.ascontiguousarray(pixels)
 
 
 def _to_pil_rgb(value, resolution: int) -> Image.Image:

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sdjax.data.latent_cache import check_cacheable
 from sdjax.data.pipeline import make_iterator, make_source
 from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops
@@ -29,7 +30,7 @@ from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.progress import Progress
 from sdjax.train.placement import create_state, replicated
 from sdjax.train.step import TrainState, make_step
-from sdjax.train.tasks import Task, build_task, fit_tokenizer
+from sdjax.train.tasks import Task, build_task, cache_latents, fit_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -39,6 +40,11 @@ class TrainingError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a run would otherwise hit later, raised before any compute."""
     check_keys(config)
+    if config.data.cache_latents:
+        if config.task != "unet":
+            raise ValueError(f"data.cache_latents: only task 'unet' trains on a frozen VAE's latents; "
+                             f"task {config.task!r} needs the pixels")
+        check_cacheable(config.data)
     check_batch(config, make_mesh(config.mesh))
     if config.total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
@@ -92,11 +98,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    data = make_iterator(config.data, task.tokenize, global_batch_size=config.batch_size, seed=config.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count())
     tx = make_optimizer(config.optimizer, config.total_steps)
     state, shardings = create_state(task.networks, task.params, config, tx, mesh)
     task.params = {}  # all parameters now live in the state, whose buffers each step donates
+    latents = ""
+    if config.data.cache_latents:  # the frozen VAE runs once over the split instead of in every step
+        latents = os.path.join(workdir, "latent_cache")
+        vae_params = to_host(state.frozen["vae"])  # a gather every process takes part in
+        if lead:
+            cache_latents(config, latents, task.networks["vae"], vae_params)
+        sync_processes("latent cache ready")
+    data = make_iterator(config.data, task.tokenize, global_batch_size=config.batch_size, seed=config.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(), latents=latents)
     if latest is not None:
         state, data_state = checkpoints.restore(latest, state)
         data.set_state(data_state)

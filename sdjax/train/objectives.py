@@ -1,6 +1,7 @@
 """What each training task minimises, as (draws, loss) pairs that the one generic step runs.
 
-    unet: frozen VAE encode -> noise at uniform timesteps -> UNet predicts epsilon / v -> (min-SNR) MSE
+    unet: frozen VAE encode (or its cached posterior) -> noise at uniform timesteps -> UNet predicts
+          epsilon / v -> (min-SNR) MSE
     vae:  encode -> sample the posterior -> decode -> L1 + L2 reconstruction + KL to N(0, I)
     clip: image tower, text tower -> symmetric contrastive loss over the whole (global) batch
 
@@ -29,13 +30,17 @@ class Objective(NamedTuple):
     separable: bool = True
 
 
-def _latent_shape(vae, pixels: jax.Array) -> tuple[int, ...]:
-    factor = vae.config.downscale
+def _latent_shape(vae, batch: dict) -> tuple[int, ...]:
+    if "latent_mean" in batch:  # cached posteriors (data.cache_latents)
+        return tuple(batch["latent_mean"].shape)
+    pixels, factor = batch["pixels"], vae.config.downscale
     return (pixels.shape[0], pixels.shape[1] // factor, pixels.shape[2] // factor, vae.config.latent_channels)
 
 
 def diffusion_objective(sd, config: ml_collections.ConfigDict) -> Objective:
-    """The noise-prediction loss of latent diffusion for `sd`'s UNet (VAE frozen)."""
+    """The noise-prediction loss of latent diffusion for `sd`'s UNet (VAE frozen). The batch holds
+    "pixels" to encode, or the posterior's "latent_mean" and "latent_logvar" cached by an earlier
+    encode (sdjax.data.latent_cache): the same latents, sampled with the same draws."""
     schedule = ScheduleConfig.from_dict(sd.scheduler_config)
     abar = jnp.asarray(alphas_cumprod(schedule))
     num_timesteps, prediction_type = schedule.num_train_timesteps, schedule.prediction_type
@@ -43,7 +48,7 @@ def diffusion_objective(sd, config: ml_collections.ConfigDict) -> Objective:
     loss_cfg = config.loss
 
     def draws(key: jax.Array, batch: dict) -> dict[str, jax.Array]:
-        shape = _latent_shape(sd.vae, batch["pixels"])
+        shape = _latent_shape(sd.vae, batch)
         k_post, k_t, k_noise = jax.random.split(key, 3)
         return {"posterior": jax.random.normal(k_post, shape),
                 "timesteps": jax.random.randint(k_t, (shape[0],), 0, num_timesteps),
@@ -51,7 +56,10 @@ def diffusion_objective(sd, config: ml_collections.ConfigDict) -> Objective:
 
     def loss(networks: dict[str, Any], batch: dict, rand: dict) -> jax.Array:
         context = sd.text_encoder.apply({"params": networks["text_encoder"]}, batch["input_ids"])[0]
-        mean, logvar = sd.vae.apply({"params": networks["vae"]}, batch["pixels"], method="encode")
+        if "latent_mean" in batch:
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        else:
+            mean, logvar = sd.vae.apply({"params": networks["vae"]}, batch["pixels"], method="encode")
         latents = jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * rand["posterior"]) * scale)
         latents = latents.astype(jnp.float32)
         timesteps, noise = rand["timesteps"], rand["noise"]

@@ -13,6 +13,7 @@ tokenized for its batches (None: images only).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.convert.diffusers import save_components
 from sdjax.convert.safetensors_io import write_safetensors
+from sdjax.data.latent_cache import ensure_latent_cache
 from sdjax.data.pipeline import all_captions, held_out
 from sdjax.models import AutoencoderKL, VAEConfig
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
@@ -112,6 +115,38 @@ def _unet_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[s
 
     return Task(networks=sd.networks, params=params, trained=trained, objective=diffusion_objective(sd, config),
                 tokenize=sd.tokenize, identity=fingerprint(sd, trained), export=export, preview=preview)
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """sha256 of a parameter tree: every leaf's name, dtype, shape and values."""
+    digest = hashlib.sha256()
+    for name, leaf in sorted(flatten_dict(params, sep="/").items()):
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{name} {array.dtype} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def cache_latents(config: ml_collections.ConfigDict, folder: str, vae: nn.Module, params: dict[str, Any]) -> None:
+    """data.cache_latents: makes `folder` hold data.split encoded by the frozen `vae` with `params` (host
+    arrays), reused while the VAE and the data are the ones that made it. Runs on this process's
+    devices alone (in a multi-host run process 0 builds it while the others wait)."""
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("rows",))
+    rows = NamedSharding(mesh, PartitionSpec("rows"))
+    chunk = -(-EVAL_CHUNK // len(devices)) * len(devices)  # images per call, split over the devices
+    placed = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    encode = jax.jit(lambda p, x: [m.astype(jnp.float32) for m in vae.apply({"params": p}, x, method="encode")])
+
+    def encode_chunk(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        padded = np.zeros((chunk,) + pixels.shape[1:], np.float32)  # one program for every chunk, the last too
+        padded[:len(pixels)] = pixels
+        mean, logvar = jax.device_get(encode(placed, jax.device_put(padded, rows)))
+        return mean[:len(pixels)], logvar[:len(pixels)]
+
+    identity = {"vae_config": vae.config.to_dict(), "vae_dtype": jnp.dtype(vae.dtype).name,
+                "vae_attention_impl": vae.attention_impl, "vae_params_sha256": params_digest(params)}
+    ensure_latent_cache(folder, config.data, encode_chunk, identity, chunk, config.log.progress_bar)
 
 
 # --- vae --------------------------------------------------------------------------------------------
