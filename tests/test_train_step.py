@@ -43,11 +43,14 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     assert np.isfinite(float(m1["loss"]))
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
-    # Adam's first update is ~lr * sign(g): parameters whose gradient is near 0 are sensitive to the
-    # summation order (a few reach ~6e-5), so compare against a tenth of the 1e-3 step; a wrong
-    # accumulation already shows in the loss and gradient norm checked above.
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    # Adam's first update is ~lr * sign(g): a parameter whose gradient is near 0 can move by up to one
+    # step (lr) either way under a different summation order, so bound every difference by 2 lr and
+    # require all but a handful (< 0.1%) to agree at 1e-5; a wrong accumulation moves most of them, and
+    # it already shows in the loss and gradient norm checked above.
+    lr = config.optimizer.learning_rate
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params))])
+    assert diff.max() <= 2 * lr + 1e-6 and np.mean(diff > 1e-5) < 1e-3, (diff.max(), np.mean(diff > 1e-5))
 
 
 def test_non_finite_loss_skips_the_update(setup):
