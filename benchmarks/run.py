@@ -27,6 +27,7 @@ from typing import Callable
 from benchmarks import report
 from benchmarks.settings import MEASUREMENTS, ROWS, SIDES, Settings, sides_of
 from benchmarks.weights import architecture, check_folder, is_built, native_resolution, vae_factor
+from sdjax.cli import OneLineParser
 from sdjax.models.attention import ATTENTION_IMPLS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +35,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 GUIDANCE = 7.5
 # Per device: (images per call, sampling steps, sdjax dtype, torch dtype, sdjax attention).
 DEVICE_DEFAULTS = {"cpu": (1, 4, "float32", "float32", "xla"), "gpu": (8, 20, "bfloat16", "float16", "cudnn")}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, without the usage block
 
 
 def _measurements(text: str) -> tuple[str, ...]:
@@ -62,7 +58,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdjax", "bench-weights")
-    p = _Parser(prog="benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("sd15", "tiny"), default="sd15",
                    help="architecture: sd15 (default) or tiny (small networks, for smoke tests)")
     p.add_argument("--only", type=_measurements, default=MEASUREMENTS,

@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 import sdjax
+from sdjax.cli import OneLineParser
 from sdjax.data.shapes import BACKGROUNDS, COLORS, RGB, SHAPES, SIZE_FRACTION, SIZES, caption, make_example
 
 ATTRIBUTES = ("shape", "color", "size", "background")
@@ -345,11 +346,6 @@ def format_table(results: dict[Any, dict[str, float | int]], label: str = "guida
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the checks in main
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parse_guidance(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -361,7 +357,7 @@ def _parse_guidance(text: str) -> list[float]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m sdjax.adherence", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m sdjax.adherence", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=sdjax.DEFAULT_MODEL,
                    help="diffusers folder of a model trained on the shapes dataset (default: the shipped model)")
     p.add_argument("--num-prompts", type=int, default=48, help="prompts to evaluate, at most 336 (default 48)")

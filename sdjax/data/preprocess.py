@@ -64,7 +64,10 @@ def draw(rng: np.random.Generator) -> Draws:
 
 def choose_caption(value: Any, draws: Draws, caption_dropout: float) -> str:
     """The empty prompt with probability caption_dropout, else the caption (one of several at random)."""
-    return "" if draws.drop < caption_dropout else _caption_text(value, draws.pick)
+    if draws.drop < caption_dropout:
+        return ""
+    texts = caption_values(value)
+    return texts[int(draws.pick * len(texts))] if texts else ""
 
 
 def caption_values(value: Any) -> list[str]:
@@ -136,14 +139,3 @@ def _resize_and_crop(image: Image.Image, resolution: int, crop: str, u_y: float,
     else:
         left, top = int(u_x * (spare_x + 1)), int(u_y * (spare_y + 1))
     return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-
-
-def _caption_text(value, u: float) -> str:
-    """A caption string from a Text feature (bytes or str); from a sequence of captions, one at random."""
-    if isinstance(value, np.ndarray) and value.ndim > 0:
-        if value.size == 0:
-            return ""
-        value = value.reshape(-1)[int(u * value.size)]
-    if isinstance(value, (bytes, np.bytes_)):
-        return value.decode("utf-8")
-    return str(value)

@@ -238,6 +238,7 @@ def _clip_task(config: ml_collections.ConfigDict, workdir: str, trained: tuple[s
     clip = CLIPModel(cfg, dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32)
     length = cfg.text.max_position_embeddings
     tokenize_fn = lambda prompts: tokenize(tokenizer, prompts, length)
+
     def evaluate(all_params: dict) -> dict[str, float]:
         data = held_out(config.data, config.eval.split, config.eval.num_examples)
         variables = {"params": all_params["clip"]}
