@@ -111,14 +111,16 @@ def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: optax
         loss, grads = loss_and_grads(state.params, state.frozen, batch, key)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay(state.step, opt_cfg.ema_decay)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params = keep(optax.apply_updates(state.params, updates), state.params)
+        # The EMA reads the kept parameters, not the unguarded update: then each new parameter can be
+        # written over its old buffer, instead of XLA holding a third model-sized copy for the EMA.
+        decay = ema_decay(state.step, opt_cfg.ema_decay)
+        ema = (keep(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params), state.ema)
+               if opt_cfg.ema_decay > 0 else params)
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            ema=keep(ema, state.ema) if opt_cfg.ema_decay > 0 else keep(params, state.params),
+            step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state), ema=ema,
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
                    "bad_steps": new_state.bad_steps}
