@@ -7,17 +7,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.models.params import abstract_params, logical_axes, place_params
 from sdjax.parallel import tree_shardings
 from sdjax.train.build import initial_params
+from sdjax.train.optimizer import AdamW
 from sdjax.train.step import TrainState, init_state
 
 
 def state_shardings(networks: dict[str, nn.Module], config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+                    tx: AdamW, mesh: Mesh) -> tuple[Any, Any]:
     """(abstract TrainState, its NamedShardings) of a run over `networks` under config.mesh.rules."""
     abstract = {n: abstract_params(m) for n, m in networks.items()}
     state = jax.eval_shape(lambda p: init_state(p, config, tx), abstract)
@@ -26,7 +26,7 @@ def state_shardings(networks: dict[str, nn.Module], config: ml_collections.Confi
 
 
 def create_state(networks: dict[str, nn.Module], params: dict[str, Any], config: ml_collections.ConfigDict,
-                 tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, Any]:
+                 tx: AdamW, mesh: Mesh) -> tuple[TrainState, Any]:
     """The step-0 state, created sharded: networks in `params` (host arrays from files) are placed
     shard by shard, the others initialised inside the same jit whose outputs are sharded.
     Returns (state, shardings)."""

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from sdjax.train.objectives import Objective, diffusion_objective
+from sdjax.train.optimizer import AdamW
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -48,7 +49,7 @@ def trained_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def init_state(params: dict[str, Any], config: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation) -> TrainState:
+               tx: AdamW) -> TrainState:
     """The step-0 state from the networks' parameters (jittable, so it can run with sharded outputs)."""
     names = trained_names(config)
     trained = {n: params[n] for n in names}
@@ -65,13 +66,13 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1 + step) / (10 + step))
 
 
-def make_train_step(sd, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def make_train_step(sd, config: ml_collections.ConfigDict, tx: AdamW,
                     param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The UNet's diffusion step for `sd` (see `make_step`)."""
     return make_step(diffusion_objective(sd, config), config, tx, param_shardings)
 
 
-def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: AdamW,
               param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step minimising `objective` (jit it with donate_argnums=0). `param_shardings` (the
     trained params' shardings) keep accumulated gradients sharded like the parameters."""
@@ -110,18 +111,11 @@ def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: optax
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = loss_and_grads(state.params, state.frozen, batch, key)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params = keep(optax.apply_updates(state.params, updates), state.params)
-        # The EMA reads the kept parameters, not the unguarded update: then each new parameter can be
-        # written over its old buffer, instead of XLA holding a third model-sized copy for the EMA.
-        decay = ema_decay(state.step, opt_cfg.ema_decay)
-        ema = (keep(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params), state.ema)
-               if opt_cfg.ema_decay > 0 else params)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state), ema=ema,
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+        decay = ema_decay(state.step, opt_cfg.ema_decay) if opt_cfg.ema_decay > 0 else None
+        params, opt_state, ema = tx.apply(grads, grad_norm, state.opt_state, state.params, state.ema, decay, finite)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                                  bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
                    "bad_steps": new_state.bad_steps}
         return new_state, metrics
