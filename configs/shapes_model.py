@@ -86,13 +86,13 @@ def stages(c, workdir: str):
     unet.task = "unet"
     unet.model.vae_from = os.path.join(workdir, "vae", "export")
     unet.model.text_encoder_from = os.path.join(workdir, "clip", "export")
-    unet.total_steps = 12 if tiny else 3000
+    unet.total_steps = 12 if tiny else 2600  # ~0.41 s/step on 2 cores
     unet.batch_size = 8 if tiny else 64
     unet.data.caption_dropout = 0.1  # unconditional examples, for classifier-free guidance
     unet.data.cache_latents = True  # the frozen VAE encodes the split once, not every step (in :tiny too)
     unet.model.prediction_type = "v_prediction"  # at equal steps it drew the asked shape more often than epsilon
     unet.loss.min_snr_gamma = 5.0
-    unet.optimizer.learning_rate = 1e-3
+    unet.optimizer.learning_rate = 2e-3  # at 1000 steps: colour and size of small shapes 98% / 96% (1e-3: 81% / 71%)
     unet.optimizer.warmup_steps = 2 if tiny else 100
     unet.optimizer.ema_decay = 0.995
     unet.log.preview_every_steps = 0 if tiny else 400
