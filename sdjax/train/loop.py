@@ -26,7 +26,7 @@ from sdjax.train import faults
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import check_keys
 from sdjax.train.metrics_writer import MetricWriter
-from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdjax.train.optimizer import make_optimizer
 from sdjax.train.progress import Progress
 from sdjax.train.placement import create_state, replicated
 from sdjax.train.step import TrainState, make_step
@@ -123,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Per device; XLA counts the scanned micro-batch body once.
     flops_per_step = compiled_flops(compiled) * config.grad_accum_steps
     peak = measured_peak_flops(config.model.dtype)  # one device's
-    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+    schedule = tx.schedule  # the learning rate logged is the one the update uses
 
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=lead)
     progress = Progress(config.total_steps, int(state.step), enabled=lead and config.log.progress_bar)

@@ -77,8 +77,7 @@ class AdamW:
             return p, m, v, e
 
         out = jax.tree.map(leaf, params, grads, state.mu, state.nu, ema)
-        new_p, new_m, new_v, new_e = (jax.tree.map(lambda o, i=i: o[i], out, is_leaf=lambda x: isinstance(x, tuple))
-                                      for i in range(4))
+        new_p, new_m, new_v, new_e = jax.tree.transpose(jax.tree.structure(params), None, out)
         return new_p, AdamWState(count=jnp.where(ok, count, state.count), mu=new_m, nu=new_v), new_e
 
 
