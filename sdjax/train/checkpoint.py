@@ -70,8 +70,18 @@ class Checkpoints:
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
         """(state, data-iterator state) at `step`, restored into target's structure and shardings."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target.replace(frozen={}))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            # Orbax lists every mismatched subtree over many lines; name the first, in one line.
+            where = next((line.strip().rstrip(":") for line in str(e).splitlines()[1:] if line.rstrip().endswith(":")),
+                         "")
+            raise ValueError(f"{self.directory}/{step}: the saved training state{f' ({where})' if where else ''} "
+                             "has another structure than this run's; it was written by another sdjax version "
+                             "(before the fused AdamW state of 6e4bb47) or config; use a new --workdir") from None
         return restored["state"].replace(frozen=target.frozen), restored["data"]
 
     def wait(self) -> None:
