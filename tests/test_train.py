@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -189,14 +188,14 @@ def test_workdir_of_a_different_model_is_refused(tmp_path, data_dir):
 def test_checkpoint_of_another_state_structure_is_refused_in_one_line(tmp_path):
     # A state saved with optax's tuple opt_state (before the fused AdamW) must not half-restore.
     from sdjax.train.checkpoint import Checkpoints
+    from sdjax.train.config import base_config
     from sdjax.train.optimizer import AdamWState
     from sdjax.train.step import TrainState
 
     params = {"unet": {"w": jnp.ones(3)}}
     old = TrainState(step=jnp.int32(5), params=params, opt_state=({"mu": params},), ema=params,
                      rng=jnp.zeros(2, jnp.uint32), bad_steps=jnp.int32(0))
-    checkpoints = Checkpoints(str(tmp_path), ml_collections.ConfigDict(
-        {"keep_last": 2, "keep_every": 0, "async_save": False}))
+    checkpoints = Checkpoints(str(tmp_path), base_config().checkpoint)
     checkpoints.save(old, {"position": 1}, {"model": 1})
     checkpoints.wait()
     current = old.replace(opt_state=AdamWState(count=jnp.int32(0), mu=params, nu=params))
