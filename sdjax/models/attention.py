@@ -1,9 +1,10 @@
 """Multi-head attention with a selectable kernel.
 
 Implementations (the `attention_impl` field of every model):
-  "xla"     einsum + float32 softmax; runs everywhere, the numerical reference. On CPU the queries
-            go through in blocks (same numbers, bit for bit: each block's softmax still sees every
-            key), which halves the time of SD's 4096-token self-attention (see BENCHMARKS.md).
+  "xla"     einsum + float32 softmax; runs everywhere, the numerical reference. On CPU long
+            sequences go head by head in blocks of queries, in float32, with a flash-style backward
+            (each block's softmax still sees every key, so the numbers agree to float rounding);
+            3x faster on SD's 4096-token self-attention (see BENCHMARKS.md).
   "dot"     jax.nn.dot_product_attention, letting XLA pick (fused where it can).
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): flash attention on NVIDIA GPUs.
 New kernels (e.g. a Pallas flash kernel on TPU) register in ATTENTION_IMPLS.
@@ -11,6 +12,7 @@ New kernels (e.g. a Pallas flash kernel on TPU) register in ATTENTION_IMPLS.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import flax.linen as nn
@@ -20,22 +22,88 @@ import jax.numpy as jnp
 from sdjax.models.layers import Dtype, dense
 
 
-# Queries per block of the CPU path. Materialising all (B, H, Lq, Lk) logits at once (1 GiB for SD 1.5's
-# 4096 tokens at batch 2) makes every call stream fresh memory; blocks of 128 queries keep the buffers
-# reused: 0.58 s instead of 1.1 s per call on the 2-core benchmark machine (64 and 256 were slower).
-CPU_QUERY_BLOCK = 128
+# The CPU path works one head and one block of queries at a time, so the float32 logits of a block
+# (block x keys) stay near 8 MiB and are reused from cache instead of streamed from memory: SD 1.5's
+# 4096-token self-attention (batch 2, 8 heads of 40) went 1.1 s -> 0.58 s with all heads in blocks of
+# 128 queries, and to ~0.33 s like this (torch's fused SDPA: 0.34 s; see BENCHMARKS.md).
+CPU_BLOCK_LOGITS = 2**21
+# Below this many logits per head one fused op is as fast: no loop.
+CPU_BLOCKED_MIN_LOGITS = 2**20
 
 
 def _xla_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
     """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
-    batch, length, heads, depth = q.shape
-    block = CPU_QUERY_BLOCK
-    if jax.default_backend() == "cpu" and not causal and length > block and length % block == 0:
+    (batch, length, heads, depth), keys = q.shape, k.shape[1]
+    block = _query_block(length, keys)
+    if jax.default_backend() == "cpu" and not causal and length * keys >= CPU_BLOCKED_MIN_LOGITS and block:
         # GPU/TPU keep one fused op: a sequential loop over blocks would only slow them down.
-        blocks = q.reshape(batch, length // block, block, heads, depth).swapaxes(0, 1)
-        out = jax.lax.map(lambda q_block: _full_attention(q_block, k, v, causal=False, upcast=upcast), blocks)
-        return out.swapaxes(0, 1).reshape(batch, length, heads, depth)
+        heads_major = lambda t: t.astype(jnp.float32).swapaxes(1, 2).reshape(batch * heads, -1, depth)
+        out = _blocked_attention(heads_major(q * depth**-0.5), heads_major(k), heads_major(v), block)
+        return out.reshape(batch, heads, length, depth).swapaxes(1, 2).astype(v.dtype)
     return _full_attention(q, k, v, causal=causal, upcast=upcast)
+
+
+def _query_block(length: int, keys: int) -> int | None:
+    """The largest divisor of `length` whose logits (block x keys) fit CPU_BLOCK_LOGITS, or None."""
+    fits = [b for b in range(1, length + 1) if length % b == 0 and b * keys <= CPU_BLOCK_LOGITS]
+    return max(fits) if fits and max(fits) >= 16 else None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_attention(q, k, v, block: int) -> jax.Array:
+    """Softmax attention of float32 q (N, Lq, D) (already scaled), k/v (N, Lk, D), head by head and
+    `block` queries at a time; every block's softmax sees all keys, so only summation order differs
+    from the one-op form."""
+    return _blocked_forward(q, k, v, block)[0]
+
+
+def _blocked_forward(q, k, v, block):
+    def head(qkv):
+        q_head, k_head, v_head = qkv
+
+        def one_block(q_block):
+            logits = q_block @ k_head.T
+            peak = logits.max(-1, keepdims=True)
+            weights = jnp.exp(logits - peak)
+            total = weights.sum(-1, keepdims=True)
+            # Normalising the (block, D) output instead of the (block, Lk) weights: one pass fewer.
+            return (weights @ v_head) / total, (peak + jnp.log(total))[:, 0]
+
+        out, logsumexp = jax.lax.map(one_block, q_head.reshape(-1, block, q.shape[-1]))
+        return out.reshape(q_head.shape), logsumexp.reshape(-1)
+
+    out, logsumexp = jax.lax.map(head, (q, k, v))
+    return out, (q, k, v, out, logsumexp)
+
+
+def _blocked_backward(block, residuals, d_out):
+    # Flash-attention backward: the weights of each block are recomputed from the saved log-sum-exp,
+    # so training never holds (Lq, Lk) per head either.
+    q, k, v, out, logsumexp = residuals
+    d_logits_offset = (d_out * out).sum(-1)  # (N, Lq): rowsum(dP * P) = rowsum(dO * O)
+
+    def head(args):
+        q_head, k_head, v_head, d_out_head, lse_head, offset_head = args
+        split = lambda t: t.reshape((-1, block) + t.shape[1:])
+
+        def one_block(carry, xs):
+            d_k, d_v = carry
+            q_block, d_out_block, lse_block, offset_block = xs
+            weights = jnp.exp(q_block @ k_head.T - lse_block[:, None])
+            d_weights = d_out_block @ v_head.T
+            d_logits = weights * (d_weights - offset_block[:, None])
+            carry = (d_k + d_logits.T @ q_block, d_v + weights.T @ d_out_block)
+            return carry, d_logits @ k_head
+
+        zeros = (jnp.zeros_like(k_head), jnp.zeros_like(v_head))
+        (d_k, d_v), d_q = jax.lax.scan(
+            one_block, zeros, (split(q_head), split(d_out_head), split(lse_head), split(offset_head)))
+        return d_q.reshape(q_head.shape), d_k, d_v
+
+    return jax.lax.map(head, (q, k, v, d_out, logsumexp, d_logits_offset))
+
+
+_blocked_attention.defvjp(_blocked_forward, _blocked_backward)
 
 
 def _full_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
