@@ -2,40 +2,65 @@
 fused computation."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sdjax.models import attention
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    # The real thresholds only trigger at SD-sized sequences; shrink them so tiny inputs take the blocked path.
-    monkeypatch.setattr(attention, "CPU_BLOCK_LOGITS", 64 * 256)
-    monkeypatch.setattr(attention, "CPU_BLOCKED_MIN_LOGITS", 1)
+def _blocked(q, k, v, block):
+    """The blocked kernel on (B, L, H, D) inputs, called directly so it is tested on any backend."""
+    batch, length, heads, depth = q.shape
+    heads_major = lambda t: t.swapaxes(1, 2).reshape(batch * heads, -1, depth)
+    out = attention._blocked_attention(heads_major(q) * depth**-0.5, heads_major(k), heads_major(v), block)
+    return out.reshape(batch, heads, length, depth).swapaxes(1, 2)
 
 
-@pytest.mark.parametrize("length, keys, block", [(256, 256, 64), (192, 40, 192), (97, 256, None)])
-def test_blocked_attention_matches_full_attention_and_its_gradients(small_blocks, length, keys, block):
+def _full(q, k, v):
+    return attention._full_attention(q, k, v, causal=False, upcast=False)
+
+
+@pytest.mark.parametrize("length, keys, block", [(256, 256, 64), (192, 40, 192), (192, 40, 16)])
+def test_blocked_attention_matches_full_attention_and_its_gradients(length, keys, block):
     q, v_out = jax.random.normal(jax.random.key(0), (2, 2, length, 4, 8))
     k, v = jax.random.normal(jax.random.key(1), (2, 2, keys, 4, 8))
-    assert attention._query_block(length, keys) == block  # None: no divisor of 97 fits; the one-op path
 
     def loss(fn):
-        return lambda q, k, v: (fn(q, k, v, causal=False, upcast=False) * v_out).sum()
+        return lambda q, k, v: (fn(q, k, v) * v_out).sum()
 
-    blocked = attention._xla_attention(q, k, v, causal=False, upcast=False)
-    full = attention._full_attention(q, k, v, causal=False, upcast=False)
+    blocked = _blocked(q, k, v, block)
     assert blocked.shape == (2, length, 4, 8)
     # Each block's softmax sees every key, so the numbers agree up to summation order.
-    np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), rtol=0, atol=2e-6)
-    grads = jax.grad(loss(attention._xla_attention), argnums=(0, 1, 2))(q, k, v)
-    reference = jax.grad(loss(attention._full_attention), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(_full(q, k, v)), rtol=0, atol=2e-6)
+    grads = jax.grad(loss(lambda q, k, v: _blocked(q, k, v, block)), argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(loss(_full), argnums=(0, 1, 2))(q, k, v)
     for name, got, want in zip("qkv", grads, reference):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.device_count() > 1, reason="the path of one CPU device")
+def test_xla_attention_takes_the_blocked_path_in_float32_for_half_inputs(monkeypatch):
+    monkeypatch.setattr(attention, "CPU_BLOCK_LOGITS", 64 * 256)
+    monkeypatch.setattr(attention, "CPU_BLOCKED_MIN_LOGITS", 1)
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 256, 4, 40))
+    calls = []
+    monkeypatch.setattr(attention, "_blocked_attention",
+                        lambda *a: calls.append(a[-1]) or attention._blocked_forward(*a)[0])
+    half = attention._xla_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), causal=False, upcast=False)
+    assert calls == [64] and half.dtype == jnp.bfloat16
+    # Computed in float32 from the rounded inputs: as close as the upcast one-op form, unlike bf16 logits.
+    rounded = [t.astype(jnp.bfloat16).astype(jnp.float32) for t in (q, k, v)]
+    error = float(jnp.abs(half.astype(jnp.float32) - _full(*rounded)).max())
+    upcast = attention._full_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), causal=False, upcast=True)
+    assert error <= float(jnp.abs(upcast.astype(jnp.float32) - _full(*rounded)).max()) + 1e-3
+    attention._xla_attention(q, k, v, causal=True, upcast=False)
+    assert calls == [64]  # causal: the one-op form with its mask
 
 
 def test_query_block_is_the_largest_divisor_within_the_logits_budget():
     assert attention._query_block(4096, 4096) == 512  # SD 1.5's 64x64 self-attention: 8 MiB of logits
     assert attention._query_block(1024, 1024) == 1024
     assert attention._query_block(4099, 4096) is None  # a prime: no block of >= 16 queries divides it
+    assert attention._cpu_query_block(4096, 77, causal=False) is None  # cross-attention: small logits
+    assert attention._cpu_query_block(4096, 4096, causal=True) is None

@@ -34,19 +34,30 @@ CPU_BLOCKED_MIN_LOGITS = 2**20
 def _xla_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
     """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
     (batch, length, heads, depth), keys = q.shape, k.shape[1]
-    block = _query_block(length, keys)
-    if jax.default_backend() == "cpu" and not causal and length * keys >= CPU_BLOCKED_MIN_LOGITS and block:
-        # GPU/TPU keep one fused op: a sequential loop over blocks would only slow them down.
+    block = _cpu_query_block(length, keys, causal)
+    if block:
+        # Always float32 here, as if upcast: the scale is applied after the cast, like the upcast form.
         heads_major = lambda t: t.astype(jnp.float32).swapaxes(1, 2).reshape(batch * heads, -1, depth)
-        out = _blocked_attention(heads_major(q * depth**-0.5), heads_major(k), heads_major(v), block)
+        out = _blocked_attention(heads_major(q) * depth**-0.5, heads_major(k), heads_major(v), block)
         return out.reshape(batch, heads, length, depth).swapaxes(1, 2).astype(v.dtype)
     return _full_attention(q, k, v, causal=causal, upcast=upcast)
 
 
+def _cpu_query_block(length: int, keys: int, causal: bool) -> int | None:
+    """Queries per block of the blocked path, or None where one fused op is the better program: on
+    GPU/TPU (a sequential loop would only slow them down), for causal or short sequences, and with
+    more than one device (the loop runs over batch x heads, so a sharded batch would be gathered onto
+    every device and its attention computed there in full)."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1 or causal or length * keys < CPU_BLOCKED_MIN_LOGITS:
+        return None
+    return _query_block(length, keys)
+
+
 def _query_block(length: int, keys: int) -> int | None:
-    """The largest divisor of `length` whose logits (block x keys) fit CPU_BLOCK_LOGITS, or None."""
-    fits = [b for b in range(1, length + 1) if length % b == 0 and b * keys <= CPU_BLOCK_LOGITS]
-    return max(fits) if fits and max(fits) >= 16 else None
+    """The largest divisor of `length` of at least 16 whose logits (block x keys) fit
+    CPU_BLOCK_LOGITS, or None."""
+    fits = [b for b in range(16, length + 1) if length % b == 0 and b * keys <= CPU_BLOCK_LOGITS]
+    return max(fits, default=None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
