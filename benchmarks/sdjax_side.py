@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import sdjax
 from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inputs
-from benchmarks.settings import PEAK_MATMUL_SIDE, Settings
+from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
 from sdjax.convert.diffusers import COMPONENTS, load_component
 from sdjax.flops import compiled_flops, measured_peak_flops
@@ -163,7 +163,8 @@ def compile_time(s: Settings) -> dict:
 
 def peak(s: Settings) -> dict:
     """FLOP/s of a large matmul in the sdjax dtype: this framework's practical peak on the machine."""
-    return {"flops_per_second": measured_peak_flops(s.sdjax_dtype, side=PEAK_MATMUL_SIDE[s.device])}
+    return {"flops_per_second": measured_peak_flops(s.sdjax_dtype, side=PEAK_MATMUL_SIDE[s.device],
+                                                   repeats=PEAK_MATMUL_REPEATS)}
 
 
 def peak_device_bytes() -> int | None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inputs
-from benchmarks.settings import PEAK_MATMUL_SIDE, Settings
+from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
 
 EMA_DECAY = 0.9999  # as sdjax's training config, so both steps do the same work
@@ -127,7 +127,7 @@ def train(s: Settings) -> dict:
     return {"seconds": _timed(step, s), "items": s.batch}
 
 
-def peak(s: Settings, repeats: int = 5) -> dict:
+def peak(s: Settings, repeats: int = PEAK_MATMUL_REPEATS) -> dict:
     """FLOP/s of a large matmul in the torch dtype, measured as sdjax.flops.measured_peak_flops does."""
     side = PEAK_MATMUL_SIDE[s.device]
     a = torch.ones(side, side, dtype=_dtype(s), device=_device(s))
