@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sdjax.models import attention
+from sdjax.models.layers import single_cpu_device
 
 
 def _blocked(q, k, v, block):
@@ -39,7 +40,7 @@ def test_blocked_attention_matches_full_attention_and_its_gradients(length, keys
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5, err_msg=f"d{name}")
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.device_count() > 1, reason="the path of one CPU device")
+@pytest.mark.skipif(not single_cpu_device(), reason="the path of one CPU device")
 def test_xla_attention_takes_the_blocked_path_in_float32_for_half_inputs(monkeypatch):
     monkeypatch.setattr(attention, "CPU_BLOCK_LOGITS", 64 * 256)
     monkeypatch.setattr(attention, "CPU_BLOCKED_MIN_LOGITS", 1)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from sdjax.models import layers
+from sdjax.models.layers import single_cpu_device
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.device_count() > 1, reason="the path of one CPU device")
+@pytest.mark.skipif(not single_cpu_device(), reason="the path of one CPU device")
 @pytest.mark.parametrize("shape, kernel, padding", [((2, 4, 4, 24), (3, 3, 24, 16), ((1, 1), (1, 1))),
                                                     ((1, 5, 3, 8), (3, 3, 8, 8), ((0, 1), (2, 0)))])
 def test_im2col_convolution_matches_lax_and_its_gradients(monkeypatch, shape, kernel, padding):

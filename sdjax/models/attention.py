@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import Dtype, dense
+from sdjax.models.layers import Dtype, dense, single_cpu_device
 
 
 # The CPU path works one head and one block of queries at a time, so the float32 logits of a block
@@ -48,7 +48,7 @@ def _cpu_query_block(length: int, keys: int, causal: bool) -> int | None:
     GPU/TPU (a sequential loop would only slow them down), for causal or short sequences, and with
     more than one device (the loop runs over batch x heads, so a sharded batch would be gathered onto
     every device and its attention computed there in full)."""
-    if jax.default_backend() != "cpu" or jax.device_count() > 1 or causal or length * keys < CPU_BLOCKED_MIN_LOGITS:
+    if not single_cpu_device() or causal or length * keys < CPU_BLOCKED_MIN_LOGITS:
         return None
     return _query_block(length, keys)
 

@@ -59,6 +59,13 @@ CPU_IM2COL_MAX_PIXELS = 256
 CPU_IM2COL_MIN_WEIGHTS = 2**23
 
 
+def single_cpu_device() -> bool:
+    """Whether programs run on one CPU device: where sdjax's CPU-only kernels (im2col here, blocked
+    attention) apply. With several devices the one-op forms stay, so a sharded batch is not gathered
+    and plans compiled on a CPU host keep the programs that GPU/TPU would run."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def _convolution(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, precision=None):
     """lax.conv_general_dilated with NHWC / HWIO operands, as nn.Conv calls it; im2col where faster."""
@@ -66,7 +73,7 @@ def _convolution(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_di
     explicit = not isinstance(padding, str)
     out_h = height + sum(padding[0]) - kh + 1 if explicit else height
     out_w = width + sum(padding[1]) - kw + 1 if explicit else width
-    if (jax.default_backend() == "cpu" and jax.device_count() == 1 and explicit and feature_group_count == 1
+    if (single_cpu_device() and explicit and feature_group_count == 1
             and tuple(window_strides) == (1, 1) and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
             and batch * out_h * out_w <= CPU_IM2COL_MAX_PIXELS and rhs.size >= CPU_IM2COL_MIN_WEIGHTS):
         padded = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))

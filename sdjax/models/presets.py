@@ -84,7 +84,7 @@ def _small_family(vae_channels: list[int], unet_channels: list[int], heads: int,
 
 
 # Tiny: CPU tests and smoke runs (32x32 images, 16x16 latents). Small: the shipped default model,
-# trained from scratch on CPU in about 40 minutes (64x64 images, 8x8x8 latents; prompts of the
+# trained from scratch on CPU in about 32 minutes (64x64 images, 8x8x8 latents; prompts of the
 # shapes dataset are 10 tokens, so 16 positions).
 PRESETS["tiny"] = _small_family([16, 32], [32, 64], heads=4, text_width=32, text_layers=2, latent_side=16)
 # Two res blocks per UNet level: at 1000 steps it drew the asked shape for 71% of large and 46% of
