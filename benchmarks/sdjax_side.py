@@ -29,9 +29,9 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/j
 def _component(s: Settings, name: str) -> tuple[Any, Any]:
     """One network and its parameters on the device (only what the measurement needs, for its peak memory)."""
     dtype = jnp.dtype(s.sdjax_dtype)
-    config, tree = load_component(s.folder, name, dtype=dtype)
+    config, params = load_component(s.folder, name, dtype=dtype, place=jnp.asarray)
     module = COMPONENTS[name].module_cls(config, dtype=dtype, param_dtype=dtype, attention_impl=s.attention_of(name))
-    return module, jax.tree.map(jnp.asarray, tree)
+    return module, params
 
 
 def _pipeline(s: Settings, param_dtype: str | None = None) -> sdjax.StableDiffusion:

@@ -114,9 +114,8 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
     param_dtype = param_dtype or dtype
     configs, params = {}, {}
     for name in COMPONENTS:
-        configs[name], tree = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
-                                             allow_pickle=allow_pickle)
-        params[name] = jax.tree.map(jnp.asarray, tree) if to_device else tree
+        configs[name], params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
+                                                     allow_pickle=allow_pickle, place=jnp.asarray if to_device else None)
     modules = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return StableDiffusion(

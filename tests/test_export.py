@@ -81,3 +81,50 @@ def test_export_refuses_nonempty_folder_and_leaves_nothing_on_failure(sd1, tmp_p
     with pytest.raises(OSError, match="disk full"):
         sd.save(str(tmp_path / "interrupted"))
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # no partial export, no staging folder
+
+
+
+def _resident_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_release_pages_gives_back_a_mapped_tensor(tmp_path):
+    from sdjax.convert.safetensors_io import read_safetensors, release_pages, write_safetensors
+
+    path = str(tmp_path / "big.safetensors")
+    write_safetensors(path, {"a": np.ones((64, 1024, 1024), np.uint8), "b": np.full((3, 5), 7, np.float32)})
+    tensors = read_safetensors(path)
+    before = _resident_file_bytes()
+    assert int(tensors["a"].sum()) == 64 << 20  # reads every page in
+    assert _resident_file_bytes() - before > 48 << 20
+    release_pages(np.transpose(tensors["a"], (2, 0, 1)))  # any view of the tensor will do
+    assert _resident_file_bytes() - before < 16 << 20
+    assert int(tensors["a"].sum()) == 64 << 20  # still readable: paged in again from the file
+    release_pages(tensors["b"])  # smaller than a page: nothing to give back, values unchanged
+    np.testing.assert_array_equal(tensors["b"], np.full((3, 5), 7, np.float32))
+    release_pages(np.ones(3))  # not a mapped tensor: nothing happens
+
+
+def test_load_releases_each_tensor_once_placed(checkpoints, monkeypatch):
+    """With `place`, each checkpoint tensor's pages are given back right after its copy is placed, so
+    loading never holds the file beside the placed model (peak memory: one model, not two)."""
+    from sdjax.convert import state_dict
+    from sdjax.convert.diffusers import load_component
+
+    folder, _ = checkpoints["sd1"]
+    events = []
+    monkeypatch.setattr(state_dict, "release_pages", lambda source: events.append(("release", source.shape)))
+
+    def place(value):
+        events.append(("place", value.shape))
+        return jax.numpy.asarray(value)
+
+    _, placed = load_component(folder, "unet", place=place)
+    _, host = load_component(folder, "unet")
+    n = len(jax.tree.leaves(host))
+    assert n > 10 and [kind for kind, _ in events] == ["place", "release"] * n
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
+        np.testing.assert_array_equal(a, b)

@@ -150,8 +150,10 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
 
 
 def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: str | None = None,
-                   allow_pickle: bool = False) -> tuple[Any, Any]:
-    """(config, params) of component `name` from a pipeline folder; params as numpy arrays of `dtype`."""
+                   allow_pickle: bool = False, place: Callable[[np.ndarray], Any] | None = None) -> tuple[Any, Any]:
+    """(config, params) of component `name` from a pipeline folder; params as numpy arrays of `dtype`, or
+    what `place` (e.g. jnp.asarray) makes of each, placed one at a time so that host memory holds about one
+    tensor beside the placed ones."""
     component = COMPONENTS[name]
     config = read_component_config(folder, name)
     tensors, source = _read_weights(os.path.join(folder, name), component.weights, variant, allow_pickle)
@@ -161,7 +163,7 @@ def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: 
         if ours is not None:
             state_dict[ours] = value
     shapes = abstract_params(component.module_cls(config))
-    return config, params_from_state_dict(shapes, state_dict, source, dtype=dtype)
+    return config, params_from_state_dict(shapes, state_dict, source, dtype=dtype, place=place)
 
 
 def default_model_index(scheduler_class: str) -> dict[str, Any]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
+from numpy.lib.array_utils import byte_bounds
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -29,7 +31,8 @@ class CheckpointError(ValueError):
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as read-only numpy arrays (memory-mapped, not copied)."""
+    """All tensors of a .safetensors file as read-only numpy arrays (memory-mapped, not copied; see
+    `release_pages`)."""
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -48,7 +51,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len else None
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
     available = size - 8 - header_len
     tensors = {}
     for name, info in header.items():
@@ -64,9 +68,29 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if end > available:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} "
                                   f"of the data but the file holds {available}")
-        raw = data[start:end] if end > start else np.zeros(0, np.uint8)
+        raw = (np.frombuffer(mapped, np.uint8, count=end - start, offset=8 + header_len + start) if end > start
+               else np.zeros(0, np.uint8))
         tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Gives back the memory pages that `array`, a view of a tensor from `read_safetensors`, has read in.
+    Its values stay readable (the kernel maps them in again from the file on access); for any other array
+    this does nothing. A loader that moves tensors onto a device one by one calls it after each, so the
+    process does not hold the whole file's pages beside the placed copy until the last tensor is done."""
+    owner = array
+    while isinstance(owner, (np.ndarray, memoryview)):
+        owner = owner.obj if isinstance(owner, memoryview) else owner.base
+    if not isinstance(owner, mmap.mmap) or array.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    low, high = byte_bounds(array)
+    origin = np.frombuffer(owner, np.uint8, count=1).ctypes.data
+    # Only whole pages inside the tensor: the ones at its ends may hold a neighbour's bytes.
+    start = -(-(low - origin) // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (high - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        owner.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -11,12 +11,12 @@ from HWIO to OIHW, norm scales and embeddings are called "weight".
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import numpy as np
 
-from sdjax.convert.safetensors_io import CheckpointError
+from sdjax.convert.safetensors_io import CheckpointError, release_pages
 
 LIST_CONTAINERS = frozenset({
     "layers", "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
@@ -68,12 +68,14 @@ def state_dict_from_params(params: Any) -> dict[str, np.ndarray]:
 
 
 def params_from_state_dict(abstract_params: Any, state_dict: dict[str, np.ndarray], source: str,
-                           dtype: Any = None) -> dict:
+                           dtype: Any = None, place: Callable[[np.ndarray], Any] | None = None) -> dict:
     """Fills the tree of `abstract_params` (shapes) from `state_dict`, strictly.
 
     Every tensor must be used and every parameter found, with matching shapes; errors name the
     key, the shape expected (PyTorch layout) and the shape found. `source` names the file.
-    Values are cast to `dtype` (default: the abstract leaves' dtypes).
+    Values are cast to `dtype` (default: the abstract leaves' dtypes) and, with `place` (e.g.
+    jnp.asarray), moved by it one at a time, each source tensor's pages released (`release_pages`) once
+    its copy is placed, so that host memory holds about one tensor beside the placed ones.
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params))
     by_key = {torch_key(path): (path, leaf) for path, leaf in flat.items()}
@@ -84,14 +86,18 @@ def params_from_state_dict(abstract_params: Any, state_dict: dict[str, np.ndarra
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {_some(unexpected)} that the model config "
                               f"does not have")
+    for key, (path, leaf) in by_key.items():  # all shapes first: a bad file fails before anything is placed
+        if from_torch_layout(path, state_dict[key], len(leaf.shape)).shape != tuple(leaf.shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(state_dict[key].shape)}; the model "
+                                  f"config expects {torch_shape(path, tuple(leaf.shape))}")
     out = {}
     for key, (path, leaf) in by_key.items():
         tensor = state_dict[key]
-        value = from_torch_layout(path, tensor, len(leaf.shape))
-        if value.shape != tuple(leaf.shape):
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}; the model config "
-                                  f"expects {torch_shape(path, tuple(leaf.shape))}")
-        out[path] = np.asarray(value, dtype=dtype or leaf.dtype)
+        value = np.asarray(from_torch_layout(path, tensor, len(leaf.shape)), dtype=dtype or leaf.dtype)
+        if place is not None:
+            value = place(value)
+            release_pages(tensor)
+        out[path] = value
     return flax.traverse_util.unflatten_dict(out)
 
 
