@@ -33,8 +33,10 @@ from sdjax.models.attention import ATTENTION_IMPLS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("float32", "bfloat16", "float16")
 GUIDANCE = 7.5
-# Per device: (images per call, sampling steps, sdjax dtype, torch dtype, sdjax attention).
-DEVICE_DEFAULTS = {"cpu": (1, 4, "float32", "float32", "xla"), "gpu": (8, 20, "bfloat16", "float16", "cudnn")}
+# Per device: (images per call, sampling steps, sdjax dtype, torch dtype, sdjax attention, warm-up calls,
+# timed calls). A GPU call takes milliseconds to a second: more of both, so clocks settle and medians hold.
+DEVICE_DEFAULTS = {"cpu": (1, 4, "float32", "float32", "xla", 1, 3),
+                   "gpu": (8, 20, "bfloat16", "float16", "cudnn", 3, 10)}
 
 
 def _measurements(text: str) -> tuple[str, ...]:
@@ -63,9 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="architecture: sd15 (default) or tiny (small networks, for smoke tests)")
     p.add_argument("--only", type=_measurements, default=MEASUREMENTS,
                    help=f"comma list of measurements (default: all of {','.join(MEASUREMENTS)})")
-    p.add_argument("--warmup", type=_at_least(1), default=1,
-                   help="untimed calls first; >= 1, as the first call compiles (sdjax) or sets up kernels (default 1)")
-    p.add_argument("--repeats", type=_at_least(1), default=3, help="timed calls; the table shows medians (default 3)")
+    p.add_argument("--warmup", type=_at_least(1), help="untimed calls first; >= 1, as the first call compiles "
+                                                       "(sdjax) or sets up kernels (default: 1 on CPU, 3 on GPU)")
+    p.add_argument("--repeats", type=_at_least(1), help="timed calls; the table shows medians (default: 3 on CPU, "
+                                                        "10 on GPU)")
     p.add_argument("--batch", type=_at_least(1), help="images per call (default: 1 on CPU, 8 on GPU); the UNet "
                                                       "forward runs the guided batch, twice this")
     p.add_argument("--resolution", type=_at_least(8), help="image side in pixels, a multiple of 8, for every "
@@ -82,16 +85,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def gpu_visible() -> bool:
-    """Whether an NVIDIA GPU is there and both torch and jax see it (asked in a child process, so this one
-    never initialises CUDA or jax's GPU memory)."""
+def gpu_visible(asked: bool = False) -> bool:
+    """Whether both torch and jax see an NVIDIA GPU, each asked in a child process of its own as the workers
+    run them (so this one never initialises CUDA, and the two never load their CUDA libraries side by side).
+    Unless `asked`, a machine without NVIDIA's driver files is answered at once."""
     gpus = "/proc/driver/nvidia/gpus"
-    if not (os.path.isdir(gpus) and os.listdir(gpus)):
+    if not asked and not (os.path.isdir(gpus) and os.listdir(gpus)):
         return False
-    probe = "import torch, jax; print(torch.cuda.is_available() and jax.default_backend() == 'gpu')"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
-    return out.stdout.strip() == "True"
+    probes = ("import torch; print(torch.cuda.is_available())", "import jax; print(jax.default_backend() == 'gpu')")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return all(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout.strip()
+               == "True" for probe in probes)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -99,18 +103,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     arch = architecture(args.preset)
     if args.resolution is not None and args.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    if args.device == "gpu" and not gpu_visible():
+    if args.device == "gpu" and not gpu_visible(asked=True):
         raise ValueError("--device gpu: no GPU that both torch and jax can use")
     device = args.device or ("gpu" if gpu_visible() else "cpu")
-    batch, steps, sdjax_dtype, torch_dtype, attention = DEVICE_DEFAULTS[device]
+    batch, steps, sdjax_dtype, torch_dtype, attention, warmup, repeats = DEVICE_DEFAULTS[device]
+    sdjax_dtype = args.dtype or sdjax_dtype
+    if sdjax_dtype == "float32" and (args.attention or attention) == "cudnn":
+        if args.attention:
+            raise ValueError("--attention cudnn: cuDNN's flash attention takes bfloat16 or float16, not float32; "
+                             "give --dtype bfloat16 or --attention dot")
+        attention = "dot"
     native = native_resolution(arch)
     return Settings(
         preset=args.preset, folder=os.path.join(os.path.abspath(args.cache_dir), args.preset), device=device,
-        sdjax_dtype=args.dtype or sdjax_dtype, torch_dtype=args.dtype or torch_dtype,
+        sdjax_dtype=sdjax_dtype, torch_dtype=args.dtype or torch_dtype,
         attention=args.attention or attention,
         batch=args.batch or batch, resolution=args.resolution or (min(native, 256) if device == "cpu" else native),
         unet_resolution=args.resolution or native, vae_factor=vae_factor(arch), steps=args.steps or steps,
-        guidance=GUIDANCE, warmup=args.warmup, repeats=args.repeats)
+        guidance=GUIDANCE, warmup=args.warmup or warmup, repeats=args.repeats or repeats)
 
 
 def check_out(path: str) -> None:

@@ -4,7 +4,6 @@ torch side is credited with too (same model)."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any, Callable
@@ -17,7 +16,7 @@ from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inp
 from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
 from sdjax.convert.diffusers import COMPONENTS, load_component
-from sdjax.flops import compiled_flops, measured_peak_flops
+from sdjax.flops import measured_peak_flops, traced_flops
 from sdjax.pipeline import enable_compilation_cache
 
 # What a first call spends before running: tracing, lowering to MLIR, and XLA compilation (or, with a
@@ -42,12 +41,6 @@ def _pipeline(s: Settings, param_dtype: str | None = None) -> sdjax.StableDiffus
     return sd
 
 
-def _counted(module: Any) -> Any:
-    """`module` with the "dot" attention kernel, for FLOP counts only: XLA counts a loop body once, and the
-    CPU "xla" kernel loops over query blocks; "dot" computes the same attention without a loop."""
-    return module.clone(attention_impl="dot")
-
-
 def _time_compiled(compiled: Callable, args: tuple, s: Settings) -> list[float]:
     return time_calls(lambda: jax.block_until_ready(compiled(*args)), s.warmup, s.repeats)
 
@@ -58,8 +51,7 @@ def unet(s: Settings) -> dict:
     latents, timesteps, context = unet_inputs(s, module.config.in_channels, module.config.cross_attention_dim)
     args = (params, jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
     compiled = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c)).lower(*args).compile()
-    counted = _counted(module)
-    flops = _lowered_flops(lambda p, x, t, c: counted.apply({"params": p}, x, t, c), *args)
+    flops = traced_flops(lambda p, x, t, c: module.apply({"params": p}, x, t, c), *args)
     n = len(latents)
     return {"seconds": _time_compiled(compiled, args, s), "items": n, "flops_per_item": flops / n}
 
@@ -68,9 +60,10 @@ def vae(s: Settings) -> dict:
     """One VAE decode of a batch of latents."""
     module, params = _component(s, "vae")
     args = (params, jnp.asarray(decoder_latents(s, module.config.latent_channels)))
-    compiled = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode")).lower(*args).compile()
+    decode = lambda p, z: module.apply({"params": p}, z, method="decode")
+    compiled = jax.jit(decode).lower(*args).compile()
     return {"seconds": _time_compiled(compiled, args, s), "items": s.batch,
-            "flops_per_item": compiled_flops(compiled) / s.batch}
+            "flops_per_item": traced_flops(decode, *args) / s.batch}
 
 
 def _sampler(s: Settings) -> tuple[sdjax.StableDiffusion, Callable[[], Any]]:
@@ -79,26 +72,20 @@ def _sampler(s: Settings) -> tuple[sdjax.StableDiffusion, Callable[[], Any]]:
                                    scheduler="ddim", height=s.resolution, width=s.resolution, seed=0)
 
 
-def _lowered_flops(fn: Callable, *args) -> float:
-    # Lowering alone is enough for the cost analysis, and much cheaper than compiling these pieces again.
-    return compiled_flops(jax.jit(fn).lower(*args))
-
-
 def sampling_flops(sd: sdjax.StableDiffusion, s: Settings) -> float:
     """FLOPs of one generate call: text encoder (prompt, negative) + steps x UNet on the guided batch + VAE
     decode. Counted from separately lowered pieces: XLA counts the sampling loop's body only once."""
     guided = 2 if s.guidance > 1 else 1
     n, side, tokens = s.batch, s.latent_side, sd.text_encoder.config.max_position_embeddings
     unet_cfg = sd.unet.config
-    text_encoder, unet, vae = _counted(sd.text_encoder), _counted(sd.unet), _counted(sd.vae)
-    text = _lowered_flops(lambda p, ids: text_encoder.apply({"params": p}, ids), sd.params["text_encoder"],
-                          jax.ShapeDtypeStruct((n, tokens), jnp.int32))
-    step = _lowered_flops(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), sd.params["unet"],
-                          jax.ShapeDtypeStruct((guided * n, side, side, unet_cfg.in_channels), jnp.float32),
-                          jax.ShapeDtypeStruct((guided * n,), jnp.int32),
-                          jax.ShapeDtypeStruct((guided * n, tokens, unet_cfg.cross_attention_dim), sd.unet.dtype))
-    decode = _lowered_flops(lambda p, z: vae.apply({"params": p}, z, method="decode"), sd.params["vae"],
-                            jax.ShapeDtypeStruct((n, side, side, sd.vae.config.latent_channels), jnp.float32))
+    text = traced_flops(lambda p, ids: sd.text_encoder.apply({"params": p}, ids), sd.params["text_encoder"],
+                        jax.ShapeDtypeStruct((n, tokens), jnp.int32))
+    step = traced_flops(lambda p, x, t, c: sd.unet.apply({"params": p}, x, t, c), sd.params["unet"],
+                        jax.ShapeDtypeStruct((guided * n, side, side, unet_cfg.in_channels), jnp.float32),
+                        jax.ShapeDtypeStruct((guided * n,), jnp.int32),
+                        jax.ShapeDtypeStruct((guided * n, tokens, unet_cfg.cross_attention_dim), sd.unet.dtype))
+    decode = traced_flops(lambda p, z: sd.vae.apply({"params": p}, z, method="decode"), sd.params["vae"],
+                          jax.ShapeDtypeStruct((n, side, side, sd.vae.config.latent_channels), jnp.float32))
     return guided * text + s.steps * step + decode
 
 
@@ -127,9 +114,7 @@ def train(s: Settings) -> dict:
     sd.params = {}
     batch = {"pixels": jnp.asarray(training_pixels(s)), "input_ids": jnp.asarray(sd.tokenize([PROMPT] * s.batch))}
     compiled = jax.jit(make_train_step(sd, config, tx), donate_argnums=0).lower(state, batch).compile()
-    counted = copy.copy(sd)
-    counted.unet, counted.vae, counted.text_encoder = _counted(sd.unet), _counted(sd.vae), _counted(sd.text_encoder)
-    flops = _lowered_flops(make_train_step(counted, config, tx), state, batch)
+    flops = traced_flops(make_train_step(sd, config, tx), state, batch)
     current = [state]
 
     def step():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
 import sys
 
@@ -27,6 +28,12 @@ def main(argv: list[str]) -> int:
     if side not in SIDES:
         raise ValueError(f"side {side!r}: expected one of {', '.join(SIDES)}")
     settings = Settings.from_json(settings_json)
+    if side == "sdjax":  # before jax is imported (by the side's module)
+        # Pinned, so that a jax which cannot start CUDA fails instead of measuring on the CPU under the GPU's
+        # name; the CPU backend stays for FLOP counts (sdjax.flops.traced_flops).
+        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if settings.device == "gpu" else "cpu")
+        # jax takes 75% of the GPU's memory by default; torch, in its own process, may use all of it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     module = importlib.import_module(f"benchmarks.{side}_side")
     result = module.MEASURES[measure](settings)
     device_bytes = module.peak_device_bytes() if settings.device == "gpu" else None

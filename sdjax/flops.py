@@ -4,24 +4,45 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.attention import counting_flops
+
 
 def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled jax program on one device, from XLA's cost analysis (0 if
-    unavailable). XLA counts a loop body (lax.scan / while) once, not once per iteration."""
+    """FLOPs of one call of a compiled jax program on one device (or of a lowered one, on all), from XLA's
+    cost analysis (0 if unavailable). XLA counts a loop body (lax.scan / while) once, not once per
+    iteration."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device program
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))
 
 
+def traced_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of `fn(*args)` (arrays or ShapeDtypeStructs; shardings are dropped) over all devices, from XLA's
+    cost analysis of the program lowered afresh (not compiled) with attention in its countable one-op form;
+    unlike `compiled_flops`, this counts every attention of a program whose kernel loops or is a custom
+    call. Raises RuntimeError if XLA reports no FLOPs."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), args)
+    # Lowered for the CPU, whose client analyses programs before compiling them; GPU plugin clients
+    # (the PJRT C API) do not, and jax then reports no cost at all. A new function, so that no trace of
+    # `fn` made outside counting_flops is reused.
+    with counting_flops(), jax.default_device(jax.devices("cpu")[0]):
+        flops = compiled_flops(jax.jit(lambda *a: fn(*a)).lower(*abstract))
+    if not flops:
+        raise RuntimeError("XLA's cost analysis reported no FLOPs for the program")
+    return flops
+
+
 @functools.lru_cache(maxsize=None)
 def measured_peak_flops(dtype: str = "float32", side: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on the first device: the practical peak MFU is measured against."""
-    a = jnp.ones((side, side), dtype)
+    # Random values: a GPU's matmul runs faster on constant data (less switching power), over its real peak.
+    a = jax.random.normal(jax.random.key(0), (side, side), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
     best = float("inf")

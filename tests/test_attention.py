@@ -65,3 +65,29 @@ def test_query_block_is_the_largest_divisor_within_the_logits_budget():
     assert attention._query_block(4099, 4096) is None  # a prime: no block of >= 16 queries divides it
     assert attention._cpu_query_block(4096, 77, causal=False) is None  # cross-attention: small logits
     assert attention._cpu_query_block(4096, 4096, causal=True) is None
+
+
+@pytest.mark.skipif(not single_cpu_device(), reason="the blocked path loops on one CPU device only")
+def test_traced_flops_counts_the_blocked_attention_that_compiled_counts_leave_out():
+    from sdjax.flops import compiled_flops, traced_flops
+
+    args = (jax.ShapeDtypeStruct((2, 1024, 16), jnp.float32),) * 3
+    forward = lambda impl: lambda q, k, v: attention.multi_head_attention(q, k, v, 2, impl=impl)
+    gradient = lambda impl: jax.grad(lambda *a: forward(impl)(*a).sum(), argnums=(0, 1, 2))
+    for fn in (forward, gradient):
+        looped = compiled_flops(jax.jit(fn("xla")).lower(*args))
+        one_op = compiled_flops(jax.jit(fn("dot")).lower(*args))
+        # 2 x 2 heads x 1024 x 1024 logits x 8 features x 2 (multiply-add) x 2 matmuls: 134 MFLOP forward.
+        assert one_op >= 2 * 2 * 1024 * 1024 * 8 * 2 * 2 and looped < 0.5 * one_op
+        assert traced_flops(fn("xla"), *args) == pytest.approx(one_op, rel=0.05)
+        assert traced_flops(fn("cudnn"), *args) == pytest.approx(one_op, rel=0.05)  # traced, never run
+
+
+def test_upcast_casts_for_dot_but_not_for_cudnn_which_takes_half_precision_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, kw["implementation"])) or q)
+    q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    for name in ("dot", "cudnn"):
+        assert attention.ATTENTION_IMPLS[name](q, q, q, causal=False, upcast=True).dtype == jnp.bfloat16
+    assert seen == [(jnp.float32, None), (jnp.bfloat16, "cudnn")]

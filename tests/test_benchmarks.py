@@ -106,3 +106,16 @@ def test_a_bad_flag_exits_2_with_one_line():
 ])
 def test_bad_flags_in_process(args, message, capsys):
     assert_one_line_exit_2(run.main, args, message, capsys)
+
+
+def test_device_defaults_and_the_float32_cudnn_pair(monkeypatch):
+    monkeypatch.setattr(run, "gpu_visible", lambda asked=False: True)
+    gpu = run.settings_from_args(run.parse_args(["--preset", "tiny", "--device", "gpu"]))
+    assert (gpu.sdjax_dtype, gpu.torch_dtype, gpu.attention, gpu.batch, gpu.warmup, gpu.repeats) == \
+        ("bfloat16", "float16", "cudnn", 8, 3, 10)
+    # cuDNN's flash attention has no float32: the default kernel becomes "dot", an explicit one is refused.
+    assert run.settings_from_args(run.parse_args(["--device", "gpu", "--dtype", "float32"])).attention == "dot"
+    with pytest.raises(ValueError, match="--attention cudnn: cuDNN's flash attention takes bfloat16 or float16"):
+        run.settings_from_args(run.parse_args(["--device", "gpu", "--dtype", "float32", "--attention", "cudnn"]))
+    cpu = run.settings_from_args(run.parse_args(["--preset", "tiny", "--device", "cpu", "--repeats", "5"]))
+    assert (cpu.sdjax_dtype, cpu.attention, cpu.batch, cpu.warmup, cpu.repeats) == ("float32", "xla", 1, 1, 5)

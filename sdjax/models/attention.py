@@ -8,12 +8,15 @@ Implementations (the `attention_impl` field of every model):
   "dot"     jax.nn.dot_product_attention, letting XLA pick (fused where it can).
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): flash attention on NVIDIA GPUs.
 New kernels (e.g. a Pallas flash kernel on TPU) register in ATTENTION_IMPLS.
+Programs traced only to count their FLOPs trace every kernel as plain einsums (`counting_flops`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -134,7 +137,8 @@ def _full_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
 def _fused_attention(implementation: str | None) -> Callable:
     def attend(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
         dtype = v.dtype
-        if upcast:
+        # cuDNN takes half precision only, and its kernel keeps the logits and softmax in float32 anyway.
+        if upcast and implementation != "cudnn":
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
         return out.astype(dtype)
@@ -155,11 +159,27 @@ def attention_fn(name: str) -> Callable:
     return ATTENTION_IMPLS[name]
 
 
+_COUNTING_FLOPS = contextvars.ContextVar("sdjax_counting_flops", default=False)
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[None]:
+    """Attention traced inside this block is the one-op einsum form, whatever the model's kernel: the same
+    attention, in a program whose FLOPs XLA's cost analysis can count (it counts a loop body such as the
+    CPU blocks' once, and a custom call such as cuDNN's not at all). Only for programs that are not run."""
+    token = _COUNTING_FLOPS.set(True)
+    try:
+        yield
+    finally:
+        _COUNTING_FLOPS.reset(token)
+
+
 def multi_head_attention(q_blc: jax.Array, k_blc: jax.Array, v_blc: jax.Array, heads: int, *,
                          impl: str = "xla", causal: bool = False, upcast: bool = False) -> jax.Array:
     """Projected q (B, Lq, H*D), k/v (B, Lk, H*D) -> attended values (B, Lq, H*D)."""
     split = lambda t: t.reshape(t.shape[:2] + (heads, t.shape[-1] // heads))
-    out = attention_fn(impl)(split(q_blc), split(k_blc), split(v_blc), causal=causal, upcast=upcast)
+    kernel = _full_attention if _COUNTING_FLOPS.get() else attention_fn(impl)
+    out = kernel(split(q_blc), split(k_blc), split(v_blc), causal=causal, upcast=upcast)
     return out.reshape(out.shape[:2] + (-1,))
 
 

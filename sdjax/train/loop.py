@@ -20,7 +20,8 @@ import numpy as np
 from sdjax.data.latent_cache import check_cacheable
 from sdjax.data.pipeline import make_iterator, make_source
 from sdjax.data.preprocess import unreadable_images_skipped
-from sdjax.flops import compiled_flops, measured_peak_flops
+from sdjax.flops import compiled_flops, measured_peak_flops, traced_flops
+from sdjax.models.layers import single_cpu_device
 from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
 from sdjax.train import faults
 from sdjax.train.checkpoint import Checkpoints
@@ -120,8 +121,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = global_batch(next(data), mesh, rules)
     with activate(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
-    # Per device; XLA counts the scanned micro-batch body once.
-    flops_per_step = compiled_flops(compiled) * config.grad_accum_steps
+        # Per device. XLA counts a loop body once: the scanned micro-batch is multiplied in, and on one CPU
+        # device, where attention of long sequences loops over query blocks, the step is counted loop-free.
+        flops_per_step = (traced_flops(make_step(task.objective, config, tx, shardings.params), state, batch)
+                          if single_cpu_device() else compiled_flops(compiled)) * config.grad_accum_steps
     peak = measured_peak_flops(config.model.dtype)  # one device's
     schedule = tx.schedule  # the learning rate logged is the one the update uses
 
