@@ -52,6 +52,10 @@ def save_png(path: str, image: np.ndarray, parameters: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
     try:
+        # mkstemp makes the file private (0600); the image gets the mode any new file would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)

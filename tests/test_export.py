@@ -128,3 +128,14 @@ def test_load_releases_each_tensor_once_placed(checkpoints, monkeypatch):
     assert n > 10 and [kind for kind, _ in events] == ["place", "release"] * n
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_gets_the_mode_of_any_new_folder(sd1, tmp_path):
+    sd, _ = sd1
+    previous = os.umask(0o022)
+    try:
+        sd.save(str(tmp_path / "shared"))
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "shared").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "shared" / "unet" / "config.json").st_mode & 0o777 == 0o644

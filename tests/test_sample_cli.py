@@ -117,3 +117,15 @@ def test_img2img_and_inpainting_flags(checkpoints, tmp_path):
         assert message in result.stderr, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_images_get_the_mode_of_any_new_file(tmp_path, umask):
+    from sdjax.png_info import save_png
+
+    previous = os.umask(umask)
+    try:
+        save_png(str(tmp_path / "a.png"), np.zeros((8, 8, 3)), "p")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "a.png").st_mode & 0o777 == 0o666 & ~umask

@@ -187,6 +187,10 @@ def _staged_folder(folder: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".sdjax-export-", dir=parent)
     try:
+        # mkdtemp makes the folder private (0700); the export gets the mode any new folder would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
         yield staging
         if os.path.isdir(folder):
             os.rmdir(folder)
