@@ -25,7 +25,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
-from sdjax.flops import compiled_flops
+from sdjax.flops import compiled_flops, traced_flops
 from sdjax.models.params import abstract_params, logical_axes
 from sdjax.models.presets import PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
@@ -233,7 +233,7 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
 
 def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, int], guidance_scale: float) -> float:
     """FLOPs (all devices) of one denoising step's model call, guided as the sampler guides it, from the
-    cost analysis of the unpartitioned lowering (cheap: nothing is compiled)."""
+    cost analysis of the unpartitioned lowering (cheap: nothing is compiled; see traced_flops)."""
     from sdjax.pipeline import guided
 
     def call(params, x, t, cond, uncond, scale):
@@ -244,8 +244,7 @@ def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, in
                                     sd.unet.config.cross_attention_dim), sd.unet.dtype)
     args = (abstract_params(sd.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), context, context, jax.ShapeDtypeStruct((), jnp.float32))
-    analysis = jax.jit(call).lower(*args).cost_analysis()
-    return float((analysis or {}).get("flops", 0.0))
+    return traced_flops(call, *args)
 
 
 def mesh_description(mesh: Mesh) -> str:
