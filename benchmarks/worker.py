@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     if side == "sdjax":  # before jax is imported (by the side's module)
         # Pinned, so that a jax which cannot start CUDA fails instead of measuring on the CPU under the GPU's
         # name; the CPU backend stays for FLOP counts (sdjax.flops.traced_flops).
-        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if settings.device == "gpu" else "cpu")
+        os.environ["JAX_PLATFORMS"] = "cuda,cpu" if settings.device == "gpu" else "cpu"
         # jax takes 75% of the GPU's memory by default; torch, in its own process, may use all of it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     module = importlib.import_module(f"benchmarks.{side}_side")

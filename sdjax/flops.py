@@ -27,12 +27,12 @@ def traced_flops(fn: Callable, *args: Any) -> float:
     cost analysis of the program lowered afresh (not compiled) with attention in its countable one-op form;
     unlike `compiled_flops`, this counts every attention of a program whose kernel loops or is a custom
     call. Raises RuntimeError if XLA reports no FLOPs."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), args)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args)
     # Lowered for the CPU, whose client analyses programs before compiling them; GPU plugin clients
-    # (the PJRT C API) do not, and jax then reports no cost at all. A new function, so that no trace of
-    # `fn` made outside counting_flops is reused.
+    # (the PJRT C API) do not, and jax then reports no cost at all. So `fn` may not constrain shardings
+    # to a mesh of other devices.
     with counting_flops(), jax.default_device(jax.devices("cpu")[0]):
-        flops = compiled_flops(jax.jit(lambda *a: fn(*a)).lower(*abstract))
+        flops = compiled_flops(jax.jit(fn).lower(*abstract))
     if not flops:
         raise RuntimeError("XLA's cost analysis reported no FLOPs for the program")
     return flops

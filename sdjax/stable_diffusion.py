@@ -113,9 +113,10 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
     model_index = read_model_index(path)
     param_dtype = param_dtype or dtype
     configs, params = {}, {}
+    place = jnp.asarray if to_device else None
     for name in COMPONENTS:
         configs[name], params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
-                                                     allow_pickle=allow_pickle, place=jnp.asarray if to_device else None)
+                                                     allow_pickle=allow_pickle, place=place)
     modules = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return StableDiffusion(

@@ -81,6 +81,13 @@ def test_traced_flops_counts_the_blocked_attention_that_compiled_counts_leave_ou
         assert one_op >= 2 * 2 * 1024 * 1024 * 8 * 2 * 2 and looped < 0.5 * one_op
         assert traced_flops(fn("xla"), *args) == pytest.approx(one_op, rel=0.05)
         assert traced_flops(fn("cudnn"), *args) == pytest.approx(one_op, rel=0.05)  # traced, never run
+    # One jitted function traced for running, then counted, then traced for running again, all as
+    # traced_flops traces (CPU default device): no trace is shared between the two forms either way.
+    jitted = jax.jit(forward("xla"))
+    with jax.default_device(jax.devices("cpu")[0]):
+        looped = compiled_flops(jitted.lower(*args))
+        assert traced_flops(jitted, *args) > 2 * looped
+        assert compiled_flops(jitted.lower(*args)) == looped
 
 
 def test_upcast_casts_for_dot_but_not_for_cudnn_which_takes_half_precision_only(monkeypatch):

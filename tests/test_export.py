@@ -83,8 +83,9 @@ def test_export_refuses_nonempty_folder_and_leaves_nothing_on_failure(sd1, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # no partial export, no staging folder
 
 
-
 def _resident_file_bytes() -> int:
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status (not Linux)")
     for line in open("/proc/self/status"):
         if line.startswith("RssFile:"):
             return int(line.split()[1]) * 1024
@@ -106,6 +107,19 @@ def test_release_pages_gives_back_a_mapped_tensor(tmp_path):
     release_pages(tensors["b"])  # smaller than a page: nothing to give back, values unchanged
     np.testing.assert_array_equal(tensors["b"], np.full((3, 5), 7, np.float32))
     release_pages(np.ones(3))  # not a mapped tensor: nothing happens
+    copied = np.memmap(path, dtype=np.uint8, mode="c")
+    copied[:] = 5
+    release_pages(copied)  # another mapping (copy-on-write here): left alone, the writes kept
+    assert (copied == 5).all()
+
+
+def _resident_view(array: np.ndarray) -> bool:
+    """Whether `array` is a view of a file mapped by read_safetensors."""
+    from sdjax.convert.safetensors_io import _ReadOnlyMapping
+
+    while isinstance(array, (np.ndarray, memoryview)):
+        array = array.obj if isinstance(array, memoryview) else array.base
+    return isinstance(array, _ReadOnlyMapping)
 
 
 def test_load_releases_each_tensor_once_placed(checkpoints, monkeypatch):
@@ -116,16 +130,19 @@ def test_load_releases_each_tensor_once_placed(checkpoints, monkeypatch):
 
     folder, _ = checkpoints["sd1"]
     events = []
-    monkeypatch.setattr(state_dict, "release_pages", lambda source: events.append(("release", source.shape)))
+    monkeypatch.setattr(state_dict, "release_pages", lambda source: events.append(("release", source)))
 
     def place(value):
-        events.append(("place", value.shape))
+        events.append(("place", value))
         return jax.numpy.asarray(value)
 
     _, placed = load_component(folder, "unet", place=place)
     _, host = load_component(folder, "unet")
     n = len(jax.tree.leaves(host))
     assert n > 10 and [kind for kind, _ in events] == ["place", "release"] * n
+    # Each release is of the file's tensor (torch layout) whose copy was just placed.
+    for (_, placed_value), (_, released) in zip(events[::2], events[1::2]):
+        assert _resident_view(released) and np.shares_memory(placed_value, released)
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
         np.testing.assert_array_equal(a, b)
 

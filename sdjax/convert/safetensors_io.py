@@ -30,6 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder is missing, corrupt or does not fit the model."""
 
 
+class _ReadOnlyMapping(mmap.mmap):
+    """A file mapped by read_safetensors (read-only, shared): the only mappings release_pages touches."""
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as read-only numpy arrays (memory-mapped, not copied; see
     `release_pages`)."""
@@ -52,7 +56,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
+        mapped = _ReadOnlyMapping(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
     available = size - 8 - header_len
     tensors = {}
     for name, info in header.items():
@@ -82,7 +86,7 @@ def release_pages(array: np.ndarray) -> None:
     owner = array
     while isinstance(owner, (np.ndarray, memoryview)):
         owner = owner.obj if isinstance(owner, memoryview) else owner.base
-    if not isinstance(owner, mmap.mmap) or array.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+    if not isinstance(owner, _ReadOnlyMapping) or array.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     low, high = byte_bounds(array)
     origin = np.frombuffer(owner, np.uint8, count=1).ctypes.data
@@ -90,7 +94,10 @@ def release_pages(array: np.ndarray) -> None:
     start = -(-(low - origin) // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (high - origin) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
-        owner.madvise(mmap.MADV_DONTNEED, start, end - start)
+        try:
+            owner.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except OSError:  # e.g. locked pages: they stay resident, and loading goes on
+            pass
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

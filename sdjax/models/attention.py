@@ -14,7 +14,6 @@ Programs traced only to count their FLOPs trace every kernel as plain einsums (`
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from functools import partial
 from typing import Callable, Iterator
 
@@ -159,26 +158,27 @@ def attention_fn(name: str) -> Callable:
     return ATTENTION_IMPLS[name]
 
 
-_COUNTING_FLOPS = contextvars.ContextVar("sdjax_counting_flops", default=False)
+# Part of jax's trace context (unlike a plain context variable), so a function traced inside
+# counting_flops and the same function traced outside never share a cached trace, in either direction.
+_COUNTING_FLOPS = jax.make_user_context(default_value=False)
 
 
 @contextlib.contextmanager
 def counting_flops() -> Iterator[None]:
     """Attention traced inside this block is the one-op einsum form, whatever the model's kernel: the same
     attention, in a program whose FLOPs XLA's cost analysis can count (it counts a loop body such as the
-    CPU blocks' once, and a custom call such as cuDNN's not at all). Only for programs that are not run."""
-    token = _COUNTING_FLOPS.set(True)
-    try:
+    CPU blocks' once, and a custom call such as cuDNN's not at all). For programs that are counted, not run."""
+    with _COUNTING_FLOPS(True):
         yield
-    finally:
-        _COUNTING_FLOPS.reset(token)
 
 
 def multi_head_attention(q_blc: jax.Array, k_blc: jax.Array, v_blc: jax.Array, heads: int, *,
                          impl: str = "xla", causal: bool = False, upcast: bool = False) -> jax.Array:
     """Projected q (B, Lq, H*D), k/v (B, Lk, H*D) -> attended values (B, Lq, H*D)."""
     split = lambda t: t.reshape(t.shape[:2] + (heads, t.shape[-1] // heads))
-    kernel = _full_attention if _COUNTING_FLOPS.get() else attention_fn(impl)
+    kernel = attention_fn(impl)  # also when counting: an unknown name fails either way
+    if _COUNTING_FLOPS.value:
+        kernel = _full_attention
     out = kernel(split(q_blc), split(k_blc), split(v_blc), causal=causal, upcast=upcast)
     return out.reshape(out.shape[:2] + (-1,))
 

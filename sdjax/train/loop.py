@@ -122,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with activate(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
         # Per device. XLA counts a loop body once: the scanned micro-batch is multiplied in, and on one CPU
-        # device, where attention of long sequences loops over query blocks, the step is counted loop-free.
+        # device, where attention of long sequences loops over query blocks, that attention is counted in
+        # its one-op form. (On GPU, cuDNN attention is a custom call that the compiled count leaves out.)
         flops_per_step = (traced_flops(make_step(task.objective, config, tx, shardings.params), state, batch)
                           if single_cpu_device() else compiled_flops(compiled)) * config.grad_accum_steps
     peak = measured_peak_flops(config.model.dtype)  # one device's
