@@ -21,6 +21,7 @@ from sdjax.data.latent_cache import check_cacheable
 from sdjax.data.pipeline import make_iterator, make_source
 from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops, traced_flops
+from sdjax.host_memory import release_freed_heap
 from sdjax.models.layers import single_cpu_device
 from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
 from sdjax.train import faults
@@ -121,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = global_batch(next(data), mesh, rules)
     with activate(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
+        release_freed_heap()  # the compiler's memory, before the step's buffers are allocated beside it
         # Per device. XLA counts a loop body once: the scanned micro-batch is multiplied in, and on one CPU
         # device, where attention of long sequences loops over query blocks, that attention is counted in
         # its one-op form. (On GPU, cuDNN attention is a custom call that the compiled count leaves out.)
