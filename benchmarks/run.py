@@ -107,8 +107,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError("--device gpu: no GPU that both torch and jax can use")
     device = args.device or ("gpu" if gpu_visible() else "cpu")
     batch, steps, sdjax_dtype, torch_dtype, attention, warmup, repeats = DEVICE_DEFAULTS[device]
-    sdjax_dtype = args.dtype or sdjax_dtype
-    if sdjax_dtype == "float32" and (args.attention or attention) == "cudnn":
+    sdjax_dtype, attention = args.dtype or sdjax_dtype, args.attention or attention
+    if sdjax_dtype == "float32" and attention == "cudnn":
         if args.attention:
             raise ValueError("--attention cudnn: cuDNN's flash attention takes bfloat16 or float16, not float32; "
                              "give --dtype bfloat16 or --attention dot")
@@ -117,7 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         preset=args.preset, folder=os.path.join(os.path.abspath(args.cache_dir), args.preset), device=device,
         sdjax_dtype=sdjax_dtype, torch_dtype=args.dtype or torch_dtype,
-        attention=args.attention or attention,
+        attention=attention,
         batch=args.batch or batch, resolution=args.resolution or (min(native, 256) if device == "cpu" else native),
         unet_resolution=args.resolution or native, vae_factor=vae_factor(arch), steps=args.steps or steps,
         guidance=GUIDANCE, warmup=args.warmup or warmup, repeats=args.repeats or repeats)

@@ -51,8 +51,9 @@ def unet(s: Settings) -> dict:
     module, params = _component(s, "unet")
     latents, timesteps, context = unet_inputs(s, module.config.in_channels, module.config.cross_attention_dim)
     args = (params, jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
-    compiled = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c)).lower(*args).compile()
-    flops = traced_flops(lambda p, x, t, c: module.apply({"params": p}, x, t, c), *args)
+    forward = lambda p, x, t, c: module.apply({"params": p}, x, t, c)
+    compiled = jax.jit(forward).lower(*args).compile()
+    flops = traced_flops(forward, *args)
     n = len(latents)
     return {"seconds": _time_compiled(compiled, args, s), "items": n, "flops_per_item": flops / n}
 
@@ -114,9 +115,10 @@ def train(s: Settings) -> dict:
     state = jax.jit(lambda params: init_state(params, config, tx), donate_argnums=0)(sd.params)
     sd.params = {}
     batch = {"pixels": jnp.asarray(training_pixels(s)), "input_ids": jnp.asarray(sd.tokenize([PROMPT] * s.batch))}
-    compiled = jax.jit(make_train_step(sd, config, tx), donate_argnums=0).lower(state, batch).compile()
+    train_step = make_train_step(sd, config, tx)
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
     release_freed_heap()  # as train.py does
-    flops = traced_flops(make_train_step(sd, config, tx), state, batch)
+    flops = traced_flops(train_step, state, batch)
     current = [state]
 
     def step():

@@ -9,9 +9,10 @@ so existing prompt-reader tools understand sdjax's images.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -50,17 +51,16 @@ def save_png(path: str, image: np.ndarray, parameters: str) -> None:
     info.add_text("parameters", parameters)
     pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        # mkstemp makes the file private (0600); the image gets the mode any new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        # Created exclusively with open() rather than mkstemp, so the image gets the mode any new file
+        # gets (the umask's), not mkstemp's private 0600.
+        with open(tmp, "xb") as f:
             Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
@@ -185,12 +185,11 @@ def _staged_folder(folder: str) -> Iterator[str]:
         raise CheckpointError(f"{folder}: already exists and is not empty; export into a new folder")
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".sdjax-export-", dir=parent)
+    # Made with mkdir rather than mkdtemp, so the export gets the mode any new folder gets (the umask's),
+    # not mkdtemp's private 0700.
+    staging = os.path.join(parent, f".sdjax-export-{uuid.uuid4().hex}")
+    os.mkdir(staging)
     try:
-        # mkdtemp makes the folder private (0700); the export gets the mode any new folder would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
         yield staging
         if os.path.isdir(folder):
             os.rmdir(folder)

@@ -78,15 +78,21 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The file mapping of read_safetensors that `array` views, or None for any other array."""
+    owner = array
+    while isinstance(owner, (np.ndarray, memoryview)):
+        owner = owner.obj if isinstance(owner, memoryview) else owner.base
+    return owner if isinstance(owner, _ReadOnlyMapping) else None
+
+
 def release_pages(array: np.ndarray) -> None:
     """Gives back the memory pages that `array`, a view of a tensor from `read_safetensors`, has read in.
     Its values stay readable (the kernel maps them in again from the file on access); for any other array
     this does nothing. A loader that moves tensors onto a device one by one calls it after each, so the
     process does not hold the whole file's pages beside the placed copy until the last tensor is done."""
-    owner = array
-    while isinstance(owner, (np.ndarray, memoryview)):
-        owner = owner.obj if isinstance(owner, memoryview) else owner.base
-    if not isinstance(owner, _ReadOnlyMapping) or array.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+    owner = mapping_of(array)
+    if owner is None or array.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     low, high = byte_bounds(array)
     origin = np.frombuffer(owner, np.uint8, count=1).ctypes.data

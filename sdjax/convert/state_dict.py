@@ -86,17 +86,18 @@ def params_from_state_dict(abstract_params: Any, state_dict: dict[str, np.ndarra
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {_some(unexpected)} that the model config "
                               f"does not have")
-    for key, (path, leaf) in by_key.items():  # all shapes first: a bad file fails before anything is placed
-        if from_torch_layout(path, state_dict[key], len(leaf.shape)).shape != tuple(leaf.shape):
+    laid_out = {}  # views in our layout; all shapes are checked before anything is placed
+    for key, (path, leaf) in by_key.items():
+        laid_out[key] = from_torch_layout(path, state_dict[key], len(leaf.shape))
+        if laid_out[key].shape != tuple(leaf.shape):
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(state_dict[key].shape)}; the model "
                                   f"config expects {torch_shape(path, tuple(leaf.shape))}")
     out = {}
     for key, (path, leaf) in by_key.items():
-        tensor = state_dict[key]
-        value = np.asarray(from_torch_layout(path, tensor, len(leaf.shape)), dtype=dtype or leaf.dtype)
+        value = np.asarray(laid_out[key], dtype=dtype or leaf.dtype)
         if place is not None:
             value = place(value)
-            release_pages(tensor)
+            release_pages(state_dict[key])
         out[path] = value
     return flax.traverse_util.unflatten_dict(out)
 

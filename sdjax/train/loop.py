@@ -117,8 +117,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         data.set_state(data_state)
         print(f"resumed from {checkpoints.directory} at step {latest}", flush=True)
 
-    step_fn = jax.jit(make_step(task.objective, config, tx, shardings.params), donate_argnums=0,
-                      out_shardings=(shardings, replicated(mesh)))
+    train_step = make_step(task.objective, config, tx, shardings.params)
+    step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, replicated(mesh)))
     batch = global_batch(next(data), mesh, rules)
     with activate(mesh, rules):
         compiled = step_fn.lower(state, batch).compile()
@@ -126,8 +126,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # Per device. XLA counts a loop body once: the scanned micro-batch is multiplied in, and on one CPU
         # device, where attention of long sequences loops over query blocks, that attention is counted in
         # its one-op form. (On GPU, cuDNN attention is a custom call that the compiled count leaves out.)
-        flops_per_step = (traced_flops(make_step(task.objective, config, tx, shardings.params), state, batch)
-                          if single_cpu_device() else compiled_flops(compiled)) * config.grad_accum_steps
+        flops_per_step = (traced_flops(train_step, state, batch) if single_cpu_device()
+                          else compiled_flops(compiled)) * config.grad_accum_steps
     peak = measured_peak_flops(config.model.dtype)  # one device's
     schedule = tx.schedule  # the learning rate logged is the one the update uses
 
