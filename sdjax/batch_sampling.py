@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import os
 import re
+import secrets
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdjax.pipeline import SEED_LIMIT
 from sdjax.png_info import SAMPLER_NAMES, format_parameters, save_png
-
-_JSONL_KEYS = {"prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "size", "num_images",
-               "init_image", "mask", "strength"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -28,7 +28,7 @@ class Job:
     seed: int
     steps: int
     guidance: float
-    scheduler: str | None
+    scheduler: str  # a name of sdjax.schedulers.SCHEDULERS
     height: int
     width: int
     init_image: str | None = None  # img2img / inpainting source file
@@ -63,76 +63,236 @@ def read_image(path: str, size: tuple[int, int], grayscale: bool = False) -> np.
     return pixels
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str | int) -> tuple[int, int]:
     """"512" or "512x768" (height x width) -> (height, width), multiples of 8."""
     match = re.fullmatch(r"(\d+)(?:x(\d+))?", str(text).strip())
     if not match:
-        raise ValueError(f"size {text!r}: expected N or HxW, e.g. 512 or 512x768")
+        raise ValueError(f"{text!r}: expected N or HxW, e.g. 512 or 512x768")
     height = int(match.group(1))
     width = int(match.group(2) or height)
     if height % 8 or width % 8 or not height or not width:
-        raise ValueError(f"size {text!r}: height and width must be positive multiples of 8")
+        raise ValueError(f"{text!r}: height and width must be positive multiples of 8")
     return height, width
 
 
-def read_prompt_file(path: str) -> list[dict[str, Any]]:
-    """Prompt entries from a text file (one prompt per line) or .jsonl (one object per line)."""
+# The per-image settings, each both a sample.py flag (--num-images) and a prompts-file key (num_images),
+# checked by the same rule whichever way it arrives. A new per-image setting is one more Field.
+
+def _at_least(low: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if value < low:
+            raise ValueError(f"must be >= {low}, got {value}")
+        return value
+    return check
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def _strength(value: float) -> float:
+    if not 0 < value <= 1:  # also false for NaN
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _seed(value: int) -> int:
+    if not (value == RANDOM_SEED or 0 <= value < SEED_LIMIT):
+        raise ValueError(f"must be an integer in [0, 2**64), or {RANDOM_SEED} for a random seed; got {value}")
+    return value
+
+
+def _scheduler(value: str) -> str:
+    from sdjax.schedulers import SCHEDULERS
+
+    if value not in SCHEDULERS:
+        raise ValueError(f"{value!r} is unknown; known: {', '.join(SCHEDULERS)}")
+    return value
+
+
+def _size(value: str | int) -> str | int:
+    parse_size(value)
+    return value
+
+
+def _image_file(path: str) -> str:
+    image_size(path)  # readable, with a header that gives its size
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One per-image setting: its value type, its check (returns the value to use or raises ValueError
+    with the problem), its default and help."""
+
+    kind: type                  # int, float or str: the flag's type, and the JSON type a prompts file must give
+    check: Callable[[Any], Any] = lambda value: value
+    default: Any = None
+    help: str = ""
+    json_kinds: tuple[type, ...] = ()  # JSON types accepted instead of (kind,)
+
+    def check_json(self, value: Any) -> None:
+        """Raises ValueError unless `value` (from JSON) has this setting's type; ints count as floats."""
+        kinds = self.json_kinds or (self.kind,)
+        accepted = kinds + ((int,) if float in kinds else ())
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            names = {int: "an integer", float: "a number", str: "a string"}
+            raise ValueError(f"must be {' or '.join(names[k] for k in kinds)}, got {json.dumps(value)}")
+
+
+RANDOM_SEED = -1
+FIELDS: dict[str, Field] = {
+    "negative_prompt": Field(str, default="", help="negative prompt (default: none)"),
+    "seed": Field(int, _seed, 0, "seed of the first image, later images count up; integers in [0, 2**64), "
+                                 f"{RANDOM_SEED} draws a random one (recorded in the PNG) (default 0)"),
+    "steps": Field(int, _at_least(1), 30, "denoising steps (default 30)"),
+    "guidance": Field(float, _finite, 7.5, "classifier-free guidance scale (default 7.5; <= 1: unguided)"),
+    "scheduler": Field(str, _scheduler, None, "scheduler family (default: the checkpoint's own)"),
+    "size": Field(str, _size, None, "N or HxW in pixels, multiples of 8 (default: the init image's size, else the "
+                                    "model's native size)", json_kinds=(int, str)),
+    "num_images": Field(int, _at_least(1), 1, "images per prompt (default 1)"),
+    "init_image": Field(str, _image_file, None, "img2img / inpainting source image (its size must be the job's)"),
+    "mask": Field(str, _image_file, None, "inpainting mask image, same size: white = repaint, black = keep"),
+    "strength": Field(float, _strength, None, "share of the schedule run from the noised init image, in (0, 1] "
+                                              "(default 0.8 for img2img, 1.0 for inpainting)"),
+}
+
+
+def flag(key: str) -> str:
+    """The sample.py flag of a per-image setting: num_images -> --num-images."""
+    return "--" + key.replace("_", "-")
+
+
+def add_field_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Field; a flag left out is None (the Field's default applies later)."""
+    for key, field in FIELDS.items():
+        parser.add_argument(flag(key), type=field.kind, help=field.help)
+
+
+def check_field(key: str, value: Any, where: str, from_json: bool = False) -> Any:
+    """The checked value of setting `key`; ValueError "<where> <problem>" otherwise."""
     try:
-        with open(path, encoding="utf-8") as f:
+        if from_json:
+            FIELDS[key].check_json(value)
+        return FIELDS[key].check(value)
+    except ValueError as e:
+        raise ValueError(f"{where} {e}") from None
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-image settings given as flags, checked (values as given; sizes stay text)."""
+    given = {key: getattr(args, key) for key in FIELDS if getattr(args, key) is not None}
+    for key, value in given.items():
+        check_field(key, value, flag(key))
+    return given
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A prompt and the settings it gives itself, with where it came from (for error messages)."""
+
+    prompt: str
+    settings: dict[str, Any]
+    where: str  # "prompts.jsonl:3", or "--prompt" for a command-line prompt
+
+    def source(self, key: str) -> str:
+        """Where this entry's value of `key` comes from: its file line's key, else the flag."""
+        return f"{self.where}: {key}" if key in self.settings else flag(key)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def read_prompt_file(path: str) -> list[Entry]:
+    """Checked prompt entries from a text file (one prompt per line) or .jsonl (one object per line):
+    every line's keys, value types and bounds, schedulers, sizes and image files, before any work."""
+    try:
+        with open(path, "rb") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read prompts ({e.strerror})") from None
+        raise ValueError(f"--prompts-file {path}: cannot read ({e.strerror})") from None
     entries = []
-    for number, line in enumerate(lines, 1):
+    for number, raw in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        line = _decode(raw, where)
         if not line.strip():
             continue
         if not path.endswith(".jsonl"):
-            entries.append({"prompt": line})
+            entries.append(Entry(line, {}, where))
             continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
-        unknown = set(entry) - _JSONL_KEYS
+            raise ValueError(f"{where}: expected an object with a string 'prompt'")
+        prompt = entry.pop("prompt")
+        unknown = set(entry) - set(FIELDS)
         if unknown:
-            raise ValueError(f"{path}:{number}: unknown key(s) {sorted(unknown)} (known: {sorted(_JSONL_KEYS)})")
-        entries.append(entry)
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(['prompt', *FIELDS])})")
+        for key, value in entry.items():
+            check_field(key, value, f"{where}: {key}", from_json=True)
+        entries.append(Entry(prompt, entry, where))
     return entries
 
 
-def expand_jobs(entries: list[dict[str, Any]], *, negative_prompt: str, seed: int, steps: int, guidance: float,
-                scheduler: str | None, size: tuple[int, int] | None, native_size: tuple[int, int],
-                num_images: int, init_image: str | None = None, mask: str | None = None,
-                strength: float | None = None) -> list[Job]:
-    """One Job per image; per-entry settings override the defaults. Seeds count up from `seed`
-    across all images unless an entry gives its own (then its k-th image uses seed + k).
-    Without a size, a job takes its init image's size, else the model's native size."""
+def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tuple[int, int],
+                default_scheduler: Callable[[], str], inpainting_unet: bool = False,
+                draw_seed: Callable[[], int] = lambda: secrets.randbelow(2**32)) -> list[Job]:
+    """One Job per image, every setting checked against the others and the model before any work.
+
+    Per-entry settings override the flags, which override the Field defaults. Seeds count up from the
+    seed flag across all images unless an entry gives its own (then its k-th image uses seed + k); a
+    seed of RANDOM_SEED is drawn once (below 2**32) where it is set. Without a size, a job takes its
+    init image's size, else the model's native size. `default_scheduler()` names the model's own
+    scheduler family, asked for only if some job uses it.
+    """
+    defaults = {key: field.default for key, field in FIELDS.items()} | flags
+    if defaults["seed"] == RANDOM_SEED:
+        defaults["seed"] = draw_seed()
+    if "strength" in flags and "init_image" not in flags and not any("init_image" in e.settings for e in entries):
+        raise ValueError("--strength given without --init-image (nor an init_image in the prompts file)")
     jobs: list[Job] = []
     for entry in entries:
-        source = entry.get("init_image", init_image)
-        entry_mask = entry.get("mask", mask)
-        if entry_mask is not None and source is None:
-            raise ValueError(f"mask {entry_mask} given without an init image (prompt {entry['prompt'][:40]!r})")
-        entry_size = parse_size(entry["size"]) if "size" in entry else size
-        height, width = entry_size or (image_size(source) if source else native_size)
-        for path in (source, entry_mask):
-            if path is not None and (found := image_size(path)) != (height, width):
-                raise ValueError(f"{path}: image is {found[0]}x{found[1]} (HxW); the job's size is {height}x{width}")
-        entry_strength = entry.get("strength", strength)
-        if entry_strength is not None and not 0 < float(entry_strength) <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {entry_strength} (prompt {entry['prompt'][:40]!r})")
-        count = int(entry.get("num_images", num_images))
-        for k in range(count):
-            image_seed = int(entry["seed"]) + k if "seed" in entry else seed + len(jobs)
-            job = Job(entry["prompt"], entry.get("negative_prompt", negative_prompt), image_seed,
-                      int(entry.get("steps", steps)), float(entry.get("guidance", guidance)),
-                      entry.get("scheduler", scheduler), height, width, source, entry_mask,
-                      None if entry_strength is None else float(entry_strength))
-            if job.steps < 1:
-                raise ValueError(f"steps must be >= 1, got {job.steps} (prompt {job.prompt[:40]!r})")
-            jobs.append(job)
+        s = defaults | entry.settings
+        source, mask, strength = s["init_image"], s["mask"], s["strength"]
+        if mask is not None and source is None:
+            raise ValueError(f"{entry.source('mask')} {mask}: mask given without an init image")
+        if strength is not None and source is None and "strength" in entry.settings:
+            raise ValueError(f"{entry.source('strength')} given without an init image")
+        if inpainting_unet and mask is None:
+            raise ValueError(f"{entry.where}: this model's UNet is an inpainting UNet (9 input channels); "
+                             "give init_image and mask")
+        height, width = parse_size(s["size"]) if s["size"] else image_size(source) if source else native_size
+        for key in ("init_image", "mask"):
+            if s[key] is not None and (found := image_size(s[key])) != (height, width):
+                raise ValueError(f"{entry.source(key)} {s[key]}: image is {found[0]}x{found[1]} (HxW); the job's "
+                                 f"size is {height}x{width}")
+        if source is None:
+            strength = None  # a --strength default applies to the prompts with an init image
+        else:
+            run_steps = int(s["steps"] * (strength or (1.0 if mask else 0.8)))
+            if run_steps < 1:
+                raise ValueError(f"{entry.source('strength')} {strength} with {s['steps']} steps leaves no "
+                                 "denoising step")
+        seed = s["seed"]
+        if "seed" not in entry.settings:
+            seed += len(jobs)  # count up across all images
+        elif seed == RANDOM_SEED:
+            seed = draw_seed()
+        if seed + s["num_images"] - 1 >= SEED_LIMIT:
+            raise ValueError(f"{entry.source('seed')} {seed} + {s['num_images'] - 1} more images: seeds must stay "
+                             "below 2**64")
+        scheduler = s["scheduler"] or default_scheduler()
+        for k in range(s["num_images"]):
+            jobs.append(Job(entry.prompt, s["negative_prompt"], seed + k, s["steps"], float(s["guidance"]),
+                            scheduler, height, width, source, mask, None if strength is None else float(strength)))
     return jobs
 
 
@@ -154,8 +314,21 @@ def next_index(out_dir: str) -> int:
     return max(numbers, default=-1) + 1
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Raises ValueError unless out_dir is a writable folder or could be made one; creates nothing."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is not a folder" if existing == os.path.abspath(out_dir) else f"cannot create ({existing} is a file)"
+        raise ValueError(f"--out {out_dir}: {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir}: not writable" + ("" if existing == os.path.abspath(out_dir)
+                                                           else f" ({existing} is read-only)"))
+
+
 def prepare_out_dir(out_dir: str) -> None:
-    """Creates out_dir and checks that it is writable, before any compute."""
+    """Creates out_dir (once the whole job is checked) and checks that it is writable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -180,8 +353,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str) -> 
                              width=first.width, seed=[j.seed for j in group], init_image=init, mask=masks,
                              strength=first.strength)
         for job, image in zip(group, images):
-            sampler = job.scheduler or sd.scheduler_config.get("_class_name", "")
-            settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": job.guidance,
+            settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.scheduler], "CFG scale": job.guidance,
                         "Seed": job.seed, "Size": f"{job.width}x{job.height}", "Model": model_name}
             if job.init_image:
                 settings["Denoising strength"] = job.strength or (1.0 if job.mask else 0.8)

@@ -6,7 +6,7 @@
 Everything that varies between calls of the same shape (prompts, seeds, guidance scale, initial
 latents, init images) is an argument of the compiled program, so it compiles once per
 (scheduler, steps, batch, size, mode). Image i's randomness comes from its own seed only:
-its key is jax.random.key(seed_i), split by purpose (STREAMS), so an image does not depend on
+its key is seed_key(seed_i), split by purpose (STREAMS), so an image does not depend on
 the batch it is generated in.
 """
 
@@ -37,9 +37,38 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+SEED_LIMIT = 2**64  # seeds are integers in [0, SEED_LIMIT)
+
+
+class SamplingError(RuntimeError):
+    """A sampling call ran but its result is not usable (e.g. non-finite images)."""
+
+
+def check_seed(seed: Any) -> int:
+    """`seed` as a Python int, or ValueError if it is not an integer in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed {seed!r}: expected an integer in [0, 2**64)")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"seed {int(seed)} is out of range: seeds are integers in [0, 2**64)")
+    return int(seed)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The threefry key of a 64-bit seed: its two 32-bit halves as the key data.
+
+    jax.random.key(s) keeps only s mod 2**32 (so 2**32 gave seed 0's image) and overflows past
+    2**63; its key data is (0, s) for s < 2**32, so building (s >> 32, s & 0xffffffff) gives every
+    seed below 2**64 its own stream and leaves the images of seeds below 2**32 as they were.
+    The implementation is named, so images do not change with jax's default PRNG setting.
+    """
+    seed = check_seed(seed)
+    data = np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
+
+
 def image_keys(seeds: Sequence[int]) -> jax.Array:
     """One PRNG key per image."""
-    return jnp.stack([jax.random.key(int(s)) for s in seeds])
+    return jnp.stack([seed_key(s) for s in seeds])
 
 
 def stream(keys: jax.Array, name: str) -> jax.Array:
@@ -146,8 +175,10 @@ def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
                 post_step = blend
 
         latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step)
-        images = vae.apply({"params": params["vae"]}, latents / scale, method="decode")
-        return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1)
+        images = (vae.apply({"params": params["vae"]}, latents / scale, method="decode").astype(jnp.float32) + 1) / 2
+        # Non-finite values become NaN, which clipping keeps (it would turn +inf into a white pixel), so
+        # the host can refuse the image instead of writing it.
+        return jnp.clip(jnp.where(jnp.isfinite(images), images, jnp.nan), 0, 1)
 
     return jax.jit(program)
 
@@ -176,14 +207,23 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
         raise ValueError(f"negative_prompts: {len(negative_prompts)} given for {n} prompts")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale),
+                        ("strength", strength)):
+        if value is not None and not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     factor = sd.vae.config.downscale
     default_side = sd.unet.config.sample_size * factor
     height, width = height or default_side, width or default_side
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    seeds = ([check_seed(seed) + i for i in range(n)] if isinstance(seed, (int, np.integer))
+             else [check_seed(s) for s in seed])
     if len(seeds) != n:
         raise ValueError(f"seed: {len(seeds)} seeds given for {n} prompts")
+    if max(seeds) >= SEED_LIMIT:
+        raise ValueError(f"seed {seed} + {n - 1} images is out of range: seeds are integers in [0, 2**64)")
     latent_shape = (height // factor, width // factor, sd.vae.config.latent_channels)
 
     mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
@@ -221,7 +261,8 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
     from sdjax.parallel import activate, batch_divisor, batch_sharding, to_host
 
     if sd.mesh is None:
-        return to_host(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:]))
+        return _finite(to_host(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])),
+                       seeds)
 
     ways = batch_divisor(sd.mesh, sd.rules)
     if n % ways:
@@ -230,4 +271,14 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
                  for x in per_image]
     with activate(sd.mesh, sd.rules):
         images = program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
-    return to_host(images)
+    return _finite(to_host(images), seeds)
+
+
+def _finite(images: np.ndarray, seeds: list[int]) -> np.ndarray:
+    """`images`, or SamplingError naming the images that hold NaN (non-finite values, see build_program)."""
+    bad = [i for i, image in enumerate(images) if np.isnan(image).any()]
+    if bad:
+        raise SamplingError(f"sampling produced non-finite values (NaN/inf) in {len(bad)} of {len(images)} images "
+                            f"(seeds {', '.join(str(seeds[i]) for i in bad[:8])}{', ...' if len(bad) > 8 else ''}); "
+                            "the model's weights or the settings (guidance, dtype) overflow")
+    return images
