@@ -50,7 +50,8 @@ class StableDiffusion:
                  width: int | None = None, seed: int | list[int] = 0, latents: np.ndarray | None = None,
                  init_image: np.ndarray | None = None, strength: float | None = None,
                  mask: np.ndarray | None = None) -> np.ndarray:
-        """Images (N, H, W, 3) float32 in [0, 1], one per prompt.
+        """Images (N, H, W, 3) float32 in [0, 1], one per prompt. Raises ValueError for bad arguments
+        (before any compute) and sdjax.pipeline.SamplingError if an image comes out non-finite.
 
         Args:
           prompts / negative_prompts: one negative per prompt (default: the empty prompt).
@@ -59,8 +60,8 @@ class StableDiffusion:
           scheduler: a name from sdjax.schedulers.SCHEDULERS; default: the checkpoint's own.
           scheduler_options: family options, e.g. {"eta": 0.5} for DDIM.
           height / width: multiples of 8; default: the UNet's sample_size x the VAE factor.
-          seed: image i uses seed + i (or give one seed per image); an image's result does not
-            depend on the other images in the batch.
+          seed: image i uses seed + i (or give one seed per image), integers in [0, 2**64); an
+            image's result does not depend on the other images in the batch.
           latents: initial noise (N, H/8, W/8, 4), NHWC, instead of the seeded draw.
           init_image: img2img / inpainting source (N, H, W, 3) in [0, 1].
           strength: in (0, 1], how much of the schedule is run from the noised init_image
