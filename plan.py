@@ -22,8 +22,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally file.py:arg",
-                                          lock_config=True)
+from sdjax.cli import absl_flags_parser, check_output_file, define_config_file
+
+_CONFIG = define_config_file("config", "a configs/*.py file, optionally file.py:arg")
 _MESH = flags.DEFINE_string("mesh", None, "AXIS=SIZE,... over data / fsdp / tensor, e.g. data=1,fsdp=8 "
                                           "(default: the config's mesh)")
 _DEVICES = flags.DEFINE_integer("devices", None, "forced host (CPU) device count; default: the --mesh size")
@@ -58,8 +59,7 @@ def _set_xla_flags(count: int | None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # absl_flags_parser refuses positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
@@ -67,6 +67,8 @@ def main(argv: list[str]) -> int:
     from sdjax import CheckpointError, plan  # imports jax without starting a backend
 
     try:
+        if _JSON.value:  # checked now, not after minutes of compiling
+            check_output_file(_JSON.value, "--json")
         if not (_TRAIN.value or _SAMPLE.value):
             raise ValueError("--notrain and --nosample leave nothing to plan")
         sizes = plan.parse_mesh(_MESH.value) if _MESH.value is not None else None
@@ -110,5 +112,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=absl_flags_parser("plan.py", required=("config",)))

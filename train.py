@@ -16,8 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally file.py:arg",
-                                          lock_config=True)
+from sdjax.cli import absl_flags_parser, check_output_dir, define_config_file
+
+_CONFIG = define_config_file("config", "a configs/*.py file, optionally file.py:arg")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, export (resumed if it exists)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "join a multi-host run with jax.distributed (auto-detected on "
                                                   "Cloud TPU; elsewhere also give the three flags below)")
@@ -43,8 +44,7 @@ def staged_runs(plan: list, overrides: dict, workdir: str, only: str | None) -> 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # absl_flags_parser refuses positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save and read at INFO
     import importlib.util
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
             runs = [(apply_overrides(config, points[i]), os.path.join(workdir, f"sweep_{i}"))]
         else:
             raise ValueError(f"--sweep {_SWEEP.value!r}: expected 'list', 'all' or an index below {len(points)}")
+        for _, run_dir in runs:  # every run's folder, before the first run creates or compiles anything
+            check_output_dir(run_dir, "--workdir")
         for run_config, run_dir in runs:
             if len(runs) > 1:
                 print(f"{'stage' if stages is not None else 'sweep point'} {run_dir}", flush=True)
@@ -96,5 +98,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=absl_flags_parser("train.py", required=("config", "workdir")))

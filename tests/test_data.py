@@ -388,6 +388,29 @@ def test_image_folder_skips_corrupt_images_at_prepare(tmp_path, caplog):
     assert builder.info.metadata["skipped_corrupt_images"] == 1
 
 
+def write_corrupt_jpeg(folder: str, name: str = "broken.jpg") -> None:
+    """A JPEG header and nothing decodable after it, with a caption, in `folder`."""
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + bytes(64))
+    with open(os.path.join(folder, os.path.splitext(name)[0] + ".txt"), "w") as f:
+        f.write("never read")
+
+
+def test_unreadable_count_includes_images_the_folder_build_skipped(tmp_path):
+    """The count a run logs (metrics' unreadable_images) counts the corrupt JPEG that the dataset build
+    left out, though the pipeline never sees it; opening the dataset again does not count it twice."""
+    src = str(tmp_path / "photos")
+    make_folder(src, "txt")
+    write_corrupt_jpeg(src)
+    config = shapes_config(str(tmp_path / "data"), source="folder", caption_dropout=0.0)
+    config.folder.src = src
+    preprocess.reset_unreadable_count()
+    assert len(make_source(config)) == 5  # builds the dataset without the corrupt image
+    assert preprocess.unreadable_images_skipped() == 1
+    take(make_iterator(config, tokenize, global_batch_size=5, seed=0), 2)  # opens it again, decodes all 5
+    assert preprocess.unreadable_images_skipped() == 1
+
+
 def test_image_folder_missing_caption_names_the_file(tmp_path):
     src = str(tmp_path / "photos")
     make_folder(src, "txt")

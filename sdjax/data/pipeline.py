@@ -18,7 +18,8 @@ dropped example shifts that host's later rows).
 Sources "shapes" and "folder" build their TFDS dataset on first use (a no-op once built). With
 several hosts sharing one data_dir, build it beforehand with `python -m sdjax.data.prepare`, so
 that the hosts do not all write it at once. Unreadable images are logged and skipped; the count
-is `sdjax.data.preprocess.unreadable_images_skipped()`.
+is `sdjax.data.preprocess.unreadable_images_skipped()`, which includes the images the build of an
+opened dataset skipped (an image folder's corrupt files never reach the pipeline).
 
 grain worker processes (data.worker_count > 0) parse absl flags on start-up, so the program must
 run under `absl.app.run` (or have parsed FLAGS) and `tokenize_fn` must be picklable. The batches
@@ -35,7 +36,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sdjax.data.prepare import default_data_dir, prepare
-from sdjax.data.preprocess import CROPS, Preprocess, caption_values
+from sdjax.data.preprocess import CROPS, Preprocess, caption_values, record_skipped_at_build
+from sdjax.data.tfds_builders import skipped_at_build
 
 SOURCES = ("shapes", "folder", "tfds")
 
@@ -116,6 +118,7 @@ def make_source(data_config) -> Sequence[dict]:
     _check_config(data_config)
     builder = _open_builder(data_config)
     info = builder.info
+    record_skipped_at_build(info.full_name, skipped_at_build(info))
     splits = sorted(info.splits.keys())
     base_split = data_config.split.split("[")[0]
     if base_split not in splits:

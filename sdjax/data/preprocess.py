@@ -24,18 +24,31 @@ CROPS = ("center", "random")
 # processes (worker_count > 0) each worker counts its own reads and this process sees none.
 _unreadable_lock = threading.Lock()
 _unreadable = 0
+# Images that never made it into a dataset (its build skipped them), by dataset name: recorded by
+# sdjax.data.pipeline.make_source when it opens one, so that a run's count includes them.
+_skipped_at_build: dict[str, int] = {}
 
 
 def unreadable_images_skipped() -> int:
-    """How many images this process failed to decode and skipped, since start or the last reset."""
-    return _unreadable
+    """How many images were lost as unreadable since start or the last reset: those this process failed
+    to decode, plus those the builds of the datasets it opened skipped."""
+    with _unreadable_lock:
+        return _unreadable + sum(_skipped_at_build.values())
+
+
+def record_skipped_at_build(dataset: str, count: int) -> None:
+    """Notes that building `dataset` (its full name) skipped `count` unreadable images; opening the same
+    dataset again (e.g. another split of it) records the same count, not twice as many."""
+    with _unreadable_lock:
+        _skipped_at_build[dataset] = count
 
 
 def reset_unreadable_count() -> None:
-    """Sets the count of skipped unreadable images back to zero."""
+    """Sets the count of skipped unreadable images back to zero (both kinds)."""
     global _unreadable
     with _unreadable_lock:
         _unreadable = 0
+        _skipped_at_build.clear()
 
 
 def _count_unreadable() -> int:

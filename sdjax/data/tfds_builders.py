@@ -37,8 +37,15 @@ from sdjax.data import shapes
 
 log = logging.getLogger(__name__)
 
+# The dataset metadata key under which ImageFolderBuilder records how many unreadable images it skipped.
+SKIPPED_IMAGES_KEY = "skipped_corrupt_images"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
+
+
+def skipped_at_build(info: tfds.core.DatasetInfo) -> int:
+    """How many unreadable images the build of a dataset skipped, as its metadata records (0 if none)."""
+    return int((info.metadata or {}).get(SKIPPED_IMAGES_KEY, 0))
 
 
 class _CodePathHere:
@@ -262,6 +269,6 @@ class ImageFolderBuilder(_CodePathHere, tfds.core.GeneratorBasedBuilder):
                 log.warning("%s: unreadable image skipped (%s: %s)", path, type(e).__name__, e)
                 continue
             yield name, {"image": image, "caption": captions[name], "file_name": name}
-        self.info.metadata["skipped_corrupt_images"] = skipped
+        self.info.metadata[SKIPPED_IMAGES_KEY] = skipped
         if skipped:
             log.warning("%s: skipped %d unreadable image(s) of %d", src, skipped, len(files))

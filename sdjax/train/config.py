@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from sdjax.cli import unknown_key_message
 from sdjax.data.pipeline import default_data_config
 from sdjax.parallel import mesh_config
 
@@ -98,7 +99,7 @@ def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigD
     for key, value in config.items():
         name = prefix + key
         if key not in schema:
-            raise ValueError(f"unknown config key {name!r} (known here: {', '.join(sorted(schema.keys()))})")
+            raise ValueError(unknown_key_message(name, schema.keys()))
         if isinstance(value, ml_collections.ConfigDict) != isinstance(schema[key], ml_collections.ConfigDict):
             raise ValueError(f"config key {name!r}: expected "
                              f"{'a group' if isinstance(schema[key], ml_collections.ConfigDict) else 'a value'}")
@@ -130,6 +131,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
                 raise ValueError(f"sweep override {dotted!r}: unknown config group {group!r}")
             node = node[group]
         if leaf not in node:
-            raise ValueError(f"sweep override {dotted!r}: unknown config key {leaf!r}")
+            raise ValueError(f"sweep override {dotted!r}: {unknown_key_message(leaf, node.keys())}")
         node[leaf] = value
     return config
