@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import sdjax
     from sdjax import batch_sampling as job
+    from sdjax.cli import check_output_dir
     from sdjax.pipeline import SamplingError
 
     try:
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         entries += job.read_prompt_file(args.prompts_file) if args.prompts_file else []
         if not entries:
             raise ValueError("no prompts: give --prompt or --prompts-file")
-        job.check_out_dir(args.out)
+        check_output_dir(args.out, "--out")  # created only once the whole job is checked
 
         import jax.numpy as jnp
 

@@ -314,27 +314,12 @@ def next_index(out_dir: str) -> int:
     return max(numbers, default=-1) + 1
 
 
-def check_out_dir(out_dir: str) -> None:
-    """Raises ValueError unless out_dir is a writable folder or could be made one; creates nothing."""
-    existing = os.path.abspath(out_dir)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        what = "is not a folder" if existing == os.path.abspath(out_dir) else f"cannot create ({existing} is a file)"
-        raise ValueError(f"--out {out_dir}: {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out_dir}: not writable" + ("" if existing == os.path.abspath(out_dir)
-                                                           else f" ({existing} is read-only)"))
-
-
 def prepare_out_dir(out_dir: str) -> None:
-    """Creates out_dir (once the whole job is checked) and checks that it is writable."""
+    """Creates out_dir, once the whole job is checked (sdjax.cli.check_output_dir checked it can be)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out_dir}: cannot create ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out_dir}: not writable")
 
 
 def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str) -> list[str]:

@@ -78,7 +78,7 @@ def test_no_prompts_and_unwritable_out(checkpoints, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = run_cli("--model", folder, "--prompt", "a", "--out", str(blocker / "sub"))
-    assert result.returncode == 2 and "cannot create" in result.stderr
+    assert result.returncode == 2 and "cannot be created" in result.stderr
 
 
 def test_img2img_and_inpainting_flags(checkpoints, tmp_path):
