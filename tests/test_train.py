@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -116,6 +117,36 @@ def test_bad_config_fails_before_compute(tmp_path, data_dir, flags, message):
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
 
 
+def test_nan_learning_rate_is_refused_in_one_line_writing_nothing(tmp_path, data_dir):
+    # In-process, tests/test_train_nonfinite.py shows this error comes before anything is compiled.
+    workdir = tmp_path / "run"
+    result = run_train(workdir, data_dir, "--config.total_steps=4", "--config.optimizer.learning_rate=nan")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: optimizer.learning_rate must be a finite number > 0, got nan"]
+    assert not workdir.exists()
+
+
+def test_nan_in_the_params_mid_run_is_never_checkpointed_or_exported(tmp_path, data_dir):
+    """A NaN put into the params after step 6 (as a diverging update would): the step-8 save is refused
+    with one line naming them, nothing is exported, and the step-4 checkpoint stays restorable."""
+    workdir = tmp_path / "run"
+    result = run_train(workdir, data_dir, "--config.total_steps=12", fault="nan:6")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # not the dataset build's log
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(r"train\.py: error: step 8: non-finite params of unet \(first at unet/[\w/]+\): not saved; "
+                        r"the last checkpoint \(step 4\) is intact", errors[0]), errors
+    assert not (workdir / "export").exists()
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [4]
+    from sdjax.train.checkpoint import read_state
+
+    state = read_state(workdir, 4)
+    assert int(state["step"]) == 4 and int(state["opt_state"]["count"]) == 4
+    trained = jax_leaves([state["params"], state["ema"], state["opt_state"]])
+    assert len(trained) > 3 and all(np.isfinite(x).all() for x in trained)
+
+
 CACHED = ["--config.data.cache_latents=True"]
 
 
@@ -225,19 +256,24 @@ def test_every_config_and_its_tiny_variant_is_valid(name):
     import importlib.util
 
     from sdjax.train.config import apply_overrides, check_keys, sweep_points
+    from sdjax.train.loop import check_numbers
+
+    def check_keys_and_numbers(config):
+        check_keys(config)
+        check_numbers(config)
 
     spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     full, tiny = module.get_config(), module.get_config("tiny")
-    check_keys(full)
-    check_keys(tiny)
+    check_keys_and_numbers(full)
+    check_keys_and_numbers(tiny)
     assert tiny.total_steps <= 60 and tiny.batch_size <= 4 and tiny.data.resolution <= 32
     for point in sweep_points(module):
-        check_keys(apply_overrides(full, point))
+        check_keys_and_numbers(apply_overrides(full, point))
     for base in (full, tiny):  # a staged file: every stage's config is valid too
         for _, stage in getattr(module, "stages", lambda c, w: [])(base, "/tmp/workdir"):
-            check_keys(stage)
+            check_keys_and_numbers(stage)
 
 
 def test_finetune_tiny_variant_on_a_diffusers_folder(tmp_path, data_dir, checkpoints):

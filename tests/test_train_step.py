@@ -10,7 +10,8 @@ from sdjax.train.build import build_model, initial_params
 from sdjax.train.config import apply_overrides, base_config, check_keys
 from sdjax.train.loss import min_snr_weights, prediction_target
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdjax.train.step import ema_decay, init_state, make_train_step
+from sdjax.train.objectives import Objective
+from sdjax.train.step import ema_decay, init_state, make_step, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,9 @@ def test_fused_adamw_matches_optax(clip):
     state, ref_state, p, ref_p, ema, ref_ema = ours.init(params), ref.init(params), params, params, params, params
     for scale in (0.1, 5.0, 0.1, 5.0):
         grads = draw(scale)
-        p, state, ema = ours.apply(grads, optax.global_norm(grads), state, p, ema, jnp.float32(0.9),
-                                   jnp.bool_(True))
+        p, state, ema, applied = ours.apply(grads, optax.global_norm(grads), state, p, ema, jnp.float32(0.9),
+                                            jnp.bool_(True))
+        assert bool(applied)
         updates, ref_state = ref.update(grads, ref_state, ref_p)
         ref_p = optax.apply_updates(ref_p, updates)
         ref_ema = jax.tree.map(lambda e, q: 0.9 * e + 0.1 * q, ref_ema, ref_p)
@@ -84,21 +86,51 @@ def test_fused_adamw_matches_optax(clip):
     assert float(jnp.max(jnp.abs(p["a"] - params["a"]))) > 1e-3  # the parameters did move
 
 
+def _assert_skipped(step, state, batch, steps=2):
+    """`steps` calls of `step` on `batch` leave params, EMA and optimizer state bitwise unchanged and
+    count as bad steps. Returns (state, last metrics)."""
+    before = jax.tree.map(np.asarray, (state.params, state.ema, state.opt_state))
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    assert int(state.step) == steps and int(state.bad_steps) == steps and float(metrics["finite"]) == 0
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.ema, state.opt_state))):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    return state, metrics
+
+
 def test_non_finite_loss_skips_the_update(setup):
     config, sd, batch = setup
     bad = dict(batch, pixels=batch["pixels"].at[0, 0, 0, 0].set(jnp.nan))
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(sd.params, config, tx)
-    before = jax.tree.map(np.asarray, (state.params, state.ema, state.opt_state))
     step = jax.jit(make_train_step(sd, config, tx))
-    state, metrics = step(state, bad)
-    state, metrics = step(state, bad)
+    state, metrics = _assert_skipped(step, init_state(sd.params, config, tx), bad)
     assert not np.isfinite(float(metrics["loss"]))
-    assert int(state.step) == 2 and int(state.bad_steps) == 2 and float(metrics["finite"]) == 0
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.ema, state.opt_state))):
-        np.testing.assert_array_equal(x, np.asarray(y))
     state, metrics = step(state, batch)
     assert int(state.bad_steps) == 0 and float(metrics["finite"]) == 1
+
+
+def _linear_run(learning_rate: float):
+    """(state, jitted step) of a "unet" that is one 3x2 matrix under a squared loss: the generic step
+    and optimizer as a run uses them, compiled in a moment."""
+    config = apply_overrides(base_config(), {"optimizer.learning_rate": learning_rate, "optimizer.warmup_steps": 0})
+    objective = Objective(draws=lambda key, batch: {},
+                          loss=lambda params, batch, rand: jnp.mean(jnp.square(batch["x"] @ params["unet"]["w"])))
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    params = {"unet": {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)}}
+    return init_state(params, config, tx), jax.jit(make_step(objective, config, tx))
+
+
+def test_non_finite_learning_rate_skips_the_update():
+    """A NaN learning rate leaves the loss and gradient finite; the update itself must be refused."""
+    batch = {"x": jnp.ones((4, 3))}
+    state, step = _linear_run(float("nan"))
+    _, metrics = _assert_skipped(step, state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    state, step = _linear_run(1e-3)  # the same step with a finite rate does move everything
+    moved, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 1 and int(moved.opt_state.count) == 1
+    for before, after in zip(jax.tree.leaves((state.params, state.ema)), jax.tree.leaves((moved.params, moved.ema))):
+        assert float(jnp.abs(after - before).min()) > 0
 
 
 def test_min_snr_weights_and_targets():

@@ -1,16 +1,24 @@
-"""Fault injection for the preemption tests: SDJAX_FAULT="<point>:<step>" kills this process with
-SIGKILL when the run reaches `point` at `step` — "step" right after the step's computation is
-dispatched (mid-step; earlier checkpoint saves are let finish first, so the test knows where the
-run resumes), "save" right after that step's checkpoint save has started (mid-save).
+"""Fault injection for the failure tests: SDJAX_FAULT="<point>:<step>" acts when the run reaches `point`
+at `step`:
+
+    step  SIGKILLs this process right after the step's computation is dispatched (mid-step; earlier
+          checkpoint saves are let finish first, so the test knows where the run resumes)
+    save  SIGKILLs it right after that step's checkpoint save has started (mid-save)
+    nan   after that step, puts a NaN into the trained parameters (the first element of their first
+          leaf), as a diverging update would; the run must then refuse to checkpoint or export them
+
 Unset (the normal case), nothing happens."""
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Callable
+from typing import Any, Callable
 
-POINTS = ("step", "save")
+import jax
+import jax.numpy as jnp
+
+POINTS = ("step", "save", "nan")
 
 
 def _target() -> tuple[str, int] | None:
@@ -29,3 +37,14 @@ def maybe_kill(point: str, step: int, before: Callable[[], None] | None = None) 
         if before is not None:
             before()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_put_nan(step: int, params: Any) -> Any:
+    """`params` with a NaN in the first element of their first leaf if SDJAX_FAULT is "nan:<step>",
+    else `params` itself (the leaf keeps its sharding, so the compiled step still accepts it)."""
+    if _target() != ("nan", step):
+        return params
+    leaves, treedef = jax.tree.flatten(params)
+    first = leaves[0]
+    put = jax.jit(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), out_shardings=first.sharding)
+    return jax.tree.unflatten(treedef, [put(first), *leaves[1:]])

@@ -9,11 +9,13 @@ position) replays exactly the steps an uninterrupted run would have taken.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -39,9 +41,60 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
 
 
+# Bounds beyond being finite (every float value must be), as (key, bound in words, test). Each stops a
+# value that makes the run diverge or mean nothing without an error of its own.
+BOUNDS: tuple[tuple[str, str, Callable[[float], bool]], ...] = (
+    ("grad_accum_steps", ">= 1", lambda x: x >= 1),
+    ("optimizer.learning_rate", "> 0", lambda x: x > 0),
+    ("optimizer.warmup_steps", ">= 0", lambda x: x >= 0),
+    ("optimizer.end_factor", ">= 0", lambda x: x >= 0),
+    ("optimizer.b1", "in [0, 1)", lambda x: 0 <= x < 1),
+    ("optimizer.b2", "in [0, 1)", lambda x: 0 <= x < 1),
+    # optax allows eps = 0, but then a parameter whose gradients were all 0 so far (the embedding of a
+    # token no caption used yet) gets the update 0 / 0 = NaN, which no scalar guard in the step sees.
+    ("optimizer.eps", "> 0", lambda x: x > 0),
+    ("optimizer.weight_decay", ">= 0", lambda x: x >= 0),
+    ("optimizer.grad_clip_norm", ">= 0 (0: no clipping)", lambda x: x >= 0),
+    ("optimizer.ema_decay", "in [0, 1) (0: no EMA)", lambda x: 0 <= x < 1),
+    ("optimizer.max_bad_steps", ">= 1", lambda x: x >= 1),
+    ("loss.min_snr_gamma", ">= 0 (0: plain MSE)", lambda x: x >= 0),
+    ("loss.offset_noise", ">= 0", lambda x: x >= 0),
+    ("loss.l1_weight", ">= 0", lambda x: x >= 0),
+    ("loss.l2_weight", ">= 0", lambda x: x >= 0),
+    ("loss.kl_weight", ">= 0", lambda x: x >= 0),
+)
+
+
+def _values(value: Any, name: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every value under `value`, into groups, lists and tuples."""
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        for key, item in value.items():
+            yield from _values(item, f"{name}.{key}" if name else key)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _values(item, f"{name}[{i}]")
+    else:
+        yield name, value
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first key whose number is out of BOUNDS, or any float value anywhere
+    in `config` that is NaN or infinite."""
+    for key, bound, holds in BOUNDS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and holds(value)):
+            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+    for key, value in _values(config, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a run would otherwise hit later, raised before any compute."""
     check_keys(config)
+    check_numbers(config)
     if config.data.cache_latents:
         if config.task != "unet":
             raise ValueError(f"data.cache_latents: only task 'unet' trains on a frozen VAE's latents; "
@@ -67,9 +120,62 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
                          "micro-batch must split evenly over the mesh")
 
 
-def export(task: Task, state: TrainState, folder: str) -> None:
+@jax.jit
+def _finite_leaves(trees: Any) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)])
+
+
+def non_finite(state: TrainState) -> str:
+    """"" when the trained params, their EMA and Adam's moments are all finite, else the first group
+    that is not, e.g. "non-finite params of unet (first at unet/conv_in/bias)". One small jitted
+    reduction (a flag per leaf), meant for the points where state leaves the device for good."""
+    groups = {"params": state.params, "EMA": state.ema, "Adam first moment": state.opt_state.mu,
+              "Adam second moment": state.opt_state.nu}
+    flags = to_host(_finite_leaves(list(groups.values())))
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(list(groups.values()))[0]]
+    for path, finite in zip(paths, flags):
+        if not finite:
+            group, *keys = path
+            names = [str(getattr(k, "key", k)) for k in keys]
+            return f"non-finite {list(groups)[group.idx]} of {names[0]} (first at {'/'.join(names)})"
+    return ""
+
+
+def last_good(checkpoints: Checkpoints) -> str:
+    """Which checkpoint a failed run leaves to resume from, in words (waits for a save under way)."""
+    checkpoints.wait()
+    latest = checkpoints.latest_step()
+    return (f"the last checkpoint (step {latest}) is intact" if latest is not None
+            else "no checkpoint was written: the run has no good state")
+
+
+def refuse_non_finite(state: TrainState, checkpoints: Checkpoints, action: str) -> None:
+    """Raises TrainingError instead of letting `state` be `action` ("saved", "exported") if any trained
+    value in it is not finite (see `non_finite`); the step's own guard cannot see every such value."""
+    found = non_finite(state)
+    if found:
+        raise TrainingError(f"step {int(state.step)}: {found}: not {action}; {last_good(checkpoints)}")
+
+
+def refuse_bad_steps(metrics: dict | None, step: int, limit: int, checkpoints: Checkpoints) -> None:
+    """Raises TrainingError if `metrics` (of a step before `step`) count `limit` skipped steps in a row."""
+    if metrics is not None and int(metrics["bad_steps"]) >= limit:
+        raise TrainingError(f"stopped at step {step}: the loss, gradient or learning rate was non-finite {limit} "
+                            f"steps in a row; {last_good(checkpoints)}")
+
+
+def refuse_untrained(state: TrainState) -> None:
+    """Raises TrainingError if steps ran but not one applied an update: such a run has no result."""
+    steps, updates = int(state.step), int(state.opt_state.count)
+    if steps > 0 and updates == 0:
+        raise TrainingError(f"step {steps}: no update was applied in {steps} steps (each one's loss, gradient "
+                            "or learning rate was non-finite); nothing exported")
+
+
+def export(task: Task, state: TrainState, folder: str, checkpoints: Checkpoints) -> None:
     """Writes the EMA weights (with the frozen networks) in the task's layout (every process calls
-    this; process 0 writes)."""
+    this; process 0 writes), or raises TrainingError, writing nothing, if they are not finite."""
+    refuse_non_finite(state, checkpoints, "exported")
     params = to_host({**state.frozen, **state.ema})
     if jax.process_index() == 0:
         task.export(params, folder)
@@ -144,12 +250,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = compiled(state, batch)
             step += 1
             faults.maybe_kill("step", step, before=checkpoints.wait)
+            state = state.replace(params=faults.maybe_put_nan(step, state.params))
             window.append(metrics)
             window_steps += 1
-            if previous is not None and int(previous["bad_steps"]) >= config.optimizer.max_bad_steps:
-                raise TrainingError(
-                    f"stopped at step {step}: the loss or gradient was non-finite {config.optimizer.max_bad_steps} "
-                    f"steps in a row; the last checkpoint (step {checkpoints.latest_step()}) is intact")
+            refuse_bad_steps(previous, step, config.optimizer.max_bad_steps, checkpoints)
             previous = metrics  # checked after the next dispatch, so the host never waits on the device
             if step % config.log.every_steps == 0 or step == config.total_steps:
                 means = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
@@ -168,13 +272,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_images(step, {"preview": images})  # process 0 writes
                 window_start = time.perf_counter()  # keep sampling time out of the step time
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                refuse_non_finite(state, checkpoints, "saved")
                 checkpoints.save(state, data.get_state(), model_id)
                 faults.maybe_kill("save", step)
             if step < config.total_steps:  # after the save, whose data state must not count this batch
                 batch = global_batch(next(data), mesh, rules)  # loads while the dispatched step runs
-        if previous is not None and int(previous["bad_steps"]) >= config.optimizer.max_bad_steps:
-            raise TrainingError(f"stopped at step {step}: the loss or gradient was non-finite "
-                                f"{config.optimizer.max_bad_steps} steps in a row")
+        refuse_bad_steps(previous, step, config.optimizer.max_bad_steps, checkpoints)
+        refuse_untrained(state)
         checkpoints.wait()
         if task.evaluate:
             scores = task.evaluate({**state.frozen, **state.ema})
@@ -184,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             logged = {**logged, **{f"eval/{k}": v for k, v in scores.items()}}
         export_dir = os.path.join(workdir, "export")
         if config.export.at_end and not os.path.exists(export_dir):
-            export(task, state, export_dir)
+            export(task, state, export_dir, checkpoints)
             if lead:
                 print(f"exported the EMA weights to {export_dir}")
     finally:

@@ -56,9 +56,11 @@ class AdamW:
         return AdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params))
 
     def apply(self, grads: Any, grad_norm: jax.Array, state: AdamWState, params: Any, ema: Any,
-              ema_decay: jax.Array | None, ok: jax.Array) -> tuple[Any, AdamWState, Any]:
-        """(params, state, ema) after one update where `ok` (a scalar bool), unchanged elsewhere.
-        `ema_decay` None: no EMA (the returned ema is the new params)."""
+              ema_decay: jax.Array | None, ok: jax.Array) -> tuple[Any, AdamWState, Any, jax.Array]:
+        """(params, state, ema, applied) after one update where `ok` (a scalar bool: the caller's loss and
+        gradient norm are finite) and this update's learning rate and clipping scale are finite; `applied`
+        says whether it was. Elsewhere all three are returned unchanged. `ema_decay` None: no EMA (the
+        returned ema is the new params)."""
         lr = self.schedule(state.count)
         count = state.count + 1
         correct1, correct2 = 1 - self.b1 ** count, 1 - self.b2 ** count
@@ -66,6 +68,12 @@ class AdamW:
         # results differ in the last bit, and the division form made XLA keep clipped copies).
         scale = (jnp.where(grad_norm < self.clip_norm, 1.0, self.clip_norm / grad_norm) if self.clip_norm > 0
                  else jnp.float32(1))
+        # Checking the new values themselves would take a model-sized reduction before they may be written,
+        # i.e. a second pass and the temporaries this module avoids. Scalars suffice: with a finite gradient
+        # norm every g and g*g is finite, so from finite p, m, v, 0 <= b1, b2 < 1 and eps > 0 (check_config)
+        # the new m, v, p and EMA are finite unless lr or scale is not, or a value overflows float32. The
+        # loop's check of the whole state before each checkpoint save and the export catches that rest.
+        ok = ok & jnp.isfinite(lr) & jnp.isfinite(scale)
 
         def leaf(p, g, m, v, e):
             g = g * scale.astype(g.dtype)
@@ -78,7 +86,7 @@ class AdamW:
 
         out = jax.tree.map(leaf, params, grads, state.mu, state.nu, ema)
         new_p, new_m, new_v, new_e = jax.tree.transpose(jax.tree.structure(params), None, out)
-        return new_p, AdamWState(count=jnp.where(ok, count, state.count), mu=new_m, nu=new_v), new_e
+        return new_p, AdamWState(count=jnp.where(ok, count, state.count), mu=new_m, nu=new_v), new_e, ok
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> AdamW:

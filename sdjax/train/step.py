@@ -3,8 +3,9 @@
     batch -> the task's objective (sdjax.train.objectives: diffusion, VAE or contrastive loss)
           -> gradients (optionally over scanned micro-batches) -> clip -> AdamW -> EMA
 
-A step whose loss or gradient is not finite consumes its batch but changes no parameter, optimizer
-or EMA value; `bad_steps` counts such steps in a row so the loop can stop the run.
+A step whose loss, gradient, learning rate or clipping scale is not finite consumes its batch but
+changes no parameter, optimizer or EMA value; `bad_steps` counts such steps in a row so the loop can
+stop the run.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: AdamW
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = loss_and_grads(state.params, state.frozen, batch, key)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         decay = ema_decay(state.step, opt_cfg.ema_decay) if opt_cfg.ema_decay > 0 else None
-        params, opt_state, ema = tx.apply(grads, grad_norm, state.opt_state, state.params, state.ema, decay, finite)
+        params, opt_state, ema, finite = tx.apply(grads, grad_norm, state.opt_state, state.params, state.ema,
+                                                  decay, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                                   bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
