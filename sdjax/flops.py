@@ -12,14 +12,23 @@ import jax.numpy as jnp
 from sdjax.models.attention import counting_flops
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled jax program on one device (or of a lowered one, on all), from XLA's
-    cost analysis (0 if unavailable). XLA counts a loop body (lax.scan / while) once, not once per
-    iteration."""
+def compiled_cost(compiled) -> dict[str, float]:
+    """XLA's cost analysis of one call of a compiled jax program on one device (of a lowered one: on all):
+    flops, bytes accessed, and on TPU the compiler's own time estimate, optimal_seconds (0 where a figure
+    is missing; optimal_seconds can come back negative for large programs). XLA counts a loop body
+    (lax.scan / while) once, not once per iteration."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device program
         analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+    analysis = analysis or {}
+    return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+            "optimal_seconds": float(analysis.get("optimal_seconds", 0.0))}
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled jax program on one device (or of a lowered one, on all), from XLA's
+    cost analysis (0 if unavailable), a loop body counted once."""
+    return compiled_cost(compiled)["flops"]
 
 
 def traced_flops(fn: Callable, *args: Any) -> float:

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
-from sdjax.flops import compiled_flops, traced_flops
+from sdjax.find_batch import largest_fitting_batch
+from sdjax.flops import compiled_cost, compiled_flops, traced_flops
+from sdjax.hlo_collectives import KINDS, collectives
 from sdjax.models.params import abstract_params, logical_axes
 from sdjax.models.presets import PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
@@ -130,7 +132,16 @@ def memory(compiled: Any) -> dict[str, int]:
            "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
            "generated_code_bytes": int(m.generated_code_size_in_bytes)}
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    # The TPU compiler also reports the peak of its buffer assignment over the program, which counts
+    # buffers (e.g. a collective's full-size result) that its temp figure leaves out.
+    out["peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
     return out
+
+
+def compiled_analysis(compiled: Any) -> dict[str, Any]:
+    """Per device, one call: XLA's cost analysis (a loop body counted once) and the collectives in the
+    optimized HLO."""
+    return {"cost": compiled_cost(compiled), "collectives": collectives(compiled.as_text())}
 
 
 def verdict(total_bytes: int, device_memory_gb: float) -> dict[str, Any]:
@@ -181,7 +192,7 @@ def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: 
             "remat": bool(config.model.remat), "grad_accum_steps": int(config.grad_accum_steps),
             "trained": sorted(abstract.params), "memory": memory(compiled), "state": state,
             "flops_per_step": flops, "flops_per_call": flops, "flops_per_device_per_call": flops / mesh.size,
-            "compile_seconds": seconds}
+            "compile_seconds": seconds, **compiled_analysis(compiled)}
 
 
 def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size: int, steps: int,
@@ -228,7 +239,7 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
             "state": {"params": {"per_device_bytes": device_bytes(abstract, shardings),
                                  "global_bytes": global_bytes(abstract)}},
             "flops_per_step": per_step, "flops_per_call": flops, "flops_per_device_per_call": flops / mesh.size,
-            "compile_seconds": seconds}
+            "compile_seconds": seconds, **compiled_analysis(compiled)}
 
 
 def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, int], guidance_scale: float) -> float:
@@ -245,6 +256,47 @@ def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, in
     args = (abstract_params(sd.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), context, context, jax.ShapeDtypeStruct((), jnp.float32))
     return traced_flops(call, *args)
+
+
+def with_batch(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+    """A copy of the run's config with another global batch size."""
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch_size
+    return config
+
+
+def plan_largest_batch(plan_at: Callable[[int], dict[str, Any]], capacity_bytes: int,
+                       tpu: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the plan at the largest per-chip batch whose memory fits capacity_bytes, or at 1 if none does; the
+    search: batch_per_chip, bytes, next_bytes, compiled). plan_at(b) plans with b rows per batch shard."""
+    plans: dict[int, dict[str, Any]] = {}
+
+    def bytes_at(b: int) -> int:
+        plans[b] = plan_at(b)
+        return resident_bytes(plans[b], tpu)
+
+    found = largest_fitting_batch(bytes_at, capacity_bytes)
+    return plans[max(found["batch_per_chip"], 1)], found
+
+
+def target_facts(target: Any) -> dict[str, Any]:
+    """A sdjax.tpu_targets.Target as the report's JSON: topology, chips, devices and the chip's peaks."""
+    chip = target.chip
+    return {"name": target.name, "generation": chip.generation, "topology": target.topology,
+            "num_slices": target.num_slices, "chips": target.chips, "devices": target.devices,
+            "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
+            "source": f"Cloud TPU docs, cloud.google.com/tpu/docs/{chip.generation}"}
+
+
+def tpu_backend_note(mesh: Mesh) -> str:
+    """Which compiler planned the TPU programs: libtpu's, compile-only on this host."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        libtpu = f"libtpu {version('libtpu')}"
+    except PackageNotFoundError:
+        libtpu = "libtpu"
+    return f"XLA TPU compiler ({libtpu}) for {mesh.devices.flat[0].device_kind}, compile-only (nothing ran)"
 
 
 def mesh_description(mesh: Mesh) -> str:
@@ -274,6 +326,11 @@ def format_report(report: dict[str, Any]) -> str:
                 if key in report]
     lines = [f"config   {report['config']}", f"model    {report['model']}", f"mesh     {report['mesh']}",
              f"backend  {report['backend_note']}", ""]
+    target = report.get("target")
+    if target:
+        lines[3:3] = [f"target   {target['name']}: {target['chips']} chips = {target['devices']} devices, topology "
+                      f"{target['topology']}" + (f" x {target['num_slices']} slices (data axis over DCN)"
+                                                 if target["num_slices"] > 1 else "")]
 
     def work(p: dict) -> str:
         if "steps" in p:
@@ -304,11 +361,30 @@ def format_report(report: dict[str, Any]) -> str:
             ("  FLOPs / step", lambda p: _flops(p["flops_per_step"])),
             ("  FLOPs / call", lambda p: _flops(p["flops_per_call"])),
             ("compile time", lambda p: f"{p['compile_seconds']:.1f} s"),
-            (f"on {report['device_memory_gb']:g} GiB per device", fit)]
+            (f"on {report['device_memory_gb']:g} GiB {'HBM per chip' if target else 'per device'}", fit)]
+    if target:
+        def collective(kind: str):
+            return lambda p: (f"{p['collectives'][kind]['count']} x, {_size(p['collectives'][kind]['bytes'])}"
+                              if p["collectives"][kind]["count"] else "-")
+
+        rows[12:12] = [("  compiler peak", mem("peak_bytes"))]
+        rows += [("collectives per chip (static)", lambda p: ""),
+                 *((f"  {kind}", collective(kind)) for kind in KINDS),
+                 ("ESTIMATE, not measured", lambda p: ""),
+                 ("  seconds / call (estimate)", lambda p: f"{p['estimate']['estimated_seconds_per_call']:.4g} s"),
+                 ("  MFU (estimate)", lambda p: f"{p['estimate']['estimated_mfu']:.1%}"),
+                 ("  from", lambda p: p["estimate"]["source"].removeprefix("estimate: ").split(" (")[0])]
     table = [["", *(title for title, _ in programs)]] + [[label, *(cell(p) for _, p in programs)]
                                                         for label, cell in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    for key, found in report.get("find_batch", {}).items():
+        after = (f"; {found['batch_per_chip'] + 1} needs {_size(found['next_bytes'])}"
+                 if found["next_bytes"] is not None else "")
+        lines += [f"largest {key} batch per chip within {_size(found['capacity_bytes'])}: {found['batch_per_chip']}"
+                  + (f" ({_size(found['bytes'])}{after})" if found["batch_per_chip"] else after)
+                  + f"; {found['compiles']} compiles" + (f", the line predicted {found['predicted']}"
+                                                         if found["predicted"] else "")]
     lines += [""] + [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 
@@ -321,18 +397,53 @@ def backend_note() -> str:
     return f"XLA {jax.default_backend()} ({jax.devices()[0].device_kind})"
 
 
+def resident_bytes(program: dict[str, Any], tpu: bool) -> int:
+    """The bytes a device must hold for `program` (a plan_training / plan_sampling result): on TPU the
+    compiler's peak, which its args + outputs + temporaries can miss, when it reports one."""
+    m = program["memory"]
+    return max(m["total_bytes"], m["peak_bytes"]) if tpu else m["total_bytes"]
+
+
+def estimate(program: dict[str, Any], peak_flops: float, hbm_bandwidth: float) -> dict[str, Any]:
+    """An ESTIMATE (never a measurement) of one call's seconds and MFU on a chip with these peaks: the TPU
+    compiler's cost model (optimal_seconds) when it gives a positive figure, else the roofline
+    max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth). XLA's cost analysis counts a loop body
+    once; the plan's FLOPs add the other iterations, and seconds and bytes are scaled by the same ratio.
+    MFU here = the compiler's FLOPs (remat recomputation included) / estimated seconds / peak bf16."""
+    cost, flops = program["cost"], program["flops_per_device_per_call"]
+    loops = flops / cost["flops"] if cost["flops"] > 0 else 1.0
+    roofline = max(flops / peak_flops, cost["bytes_accessed"] * loops / hbm_bandwidth)
+    compiler = cost["optimal_seconds"] * loops
+    seconds, source = ((compiler, "estimate: TPU compiler cost model (optimal_seconds)") if compiler > 0 else
+                       (roofline, "estimate: roofline max(FLOPs/peak, HBM bytes/bandwidth)"))
+    return {"estimated_seconds_per_call": seconds, "estimated_mfu": flops / seconds / peak_flops if seconds else 0.0,
+            "source": source, "roofline_seconds": roofline, "compiler_seconds": compiler, "loop_scale": loops}
+
+
 def finish(report: dict[str, Any]) -> dict[str, Any]:
-    """Adds each program's fits / margin against report['device_memory_gb'] (GiB), and notes on reading it."""
+    """Adds each program's fits / margin against report['device_memory_gb'] (GiB), and notes on reading it;
+    for a TPU target (report['target']) also the estimated time and MFU of each program."""
+    target = report.get("target")
     for key in ("train", "sample"):
         if key in report:
-            report[key]["verdict"] = verdict(report[key]["memory"]["total_bytes"], report["device_memory_gb"])
+            report[key]["verdict"] = verdict(resident_bytes(report[key], target is not None),
+                                             report["device_memory_gb"])
+            if target:
+                report[key]["estimate"] = estimate(report[key], target["peak_flops"], target["hbm_bandwidth"])
     report["notes"] = ["FLOPs from XLA's cost analysis; all devices = per device x devices (work a device "
                        "repeats, e.g. on replicated weights, counts on each)"]
+    if target:
+        report["notes"] += [f"{target['name']}: per chip {target['hbm_bytes'] / GIB:g} GiB HBM, "
+                            f"{target['peak_flops'] / 1e12:g} TFLOP/s bf16, {target['hbm_bandwidth'] / 1e9:g} GB/s "
+                            f"HBM ({target['source']}); fits = max(args+out+temp-alias, the compiler's peak)",
+                            "estimated time and MFU are ESTIMATES from the compiler's analysis, not measurements; "
+                            "collective counts are static (a loop body's once)"]
     if "sample" in report:
         report["notes"] += ["sampling: a step is one (guided) UNet call; parameters are the three networks as "
                             "loaded, arguments only those txt2img reads (not the VAE encoder)"]
     return report
 
 
-__all__ = ["choose_architecture", "device_bytes", "format_report", "memory", "parse_mesh", "plan_sampling",
-           "plan_training", "planning_model", "verdict"]
+__all__ = ["choose_architecture", "compiled_analysis", "device_bytes", "estimate", "format_report", "memory",
+           "parse_mesh", "plan_largest_batch", "plan_sampling", "plan_training", "planning_model", "resident_bytes",
+           "target_facts", "verdict", "with_batch"]

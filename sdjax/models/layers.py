@@ -63,6 +63,13 @@ def single_cpu_device() -> bool:
     """Whether programs run on one CPU device: where sdjax's CPU-only kernels (im2col here, blocked
     attention) apply. With several devices the one-op forms stay, so a sharded batch is not gathered
     and plans compiled on a CPU host keep the programs that GPU/TPU would run."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        # Traced under a mesh (jax.set_mesh), the program runs on that mesh's devices, which need not be
+        # this host's: plan.py --target compiles for TPU chips while JAX's own backend is the CPU.
+        platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+        if mesh.size > 1 or platform not in (None, "cpu"):
+            return False
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
