@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
 
     from sdjax.parallel import initialize_processes
     from sdjax.train.config import apply_overrides, sweep_points
-    from sdjax.train.loop import TrainingError, train
+    from sdjax.train.loop import TrainingError, check_config, train
 
     if _MULTIHOST.value or _COORDINATOR.value:
         initialize_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
             runs = [(apply_overrides(config, points[i]), os.path.join(workdir, f"sweep_{i}"))]
         else:
             raise ValueError(f"--sweep {_SWEEP.value!r}: expected 'list', 'all' or an index below {len(points)}")
-        for _, run_dir in runs:  # every run's folder, before the first run creates or compiles anything
+        for run_config, run_dir in runs:  # every run's config and folder, before the first run creates or
+            check_config(run_config)       # compiles anything (a bad sweep point fails now, not hours later)
             check_output_dir(run_dir, "--workdir")
         for run_config, run_dir in runs:
             if len(runs) > 1:

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sdjax.pipeline import SEED_LIMIT
 from sdjax.png_info import SAMPLER_NAMES, format_parameters, save_png
+from sdjax.seeds import SEED_LIMIT
 
 @dataclasses.dataclass(frozen=True)
 class Job:

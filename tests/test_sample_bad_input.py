@@ -16,8 +16,9 @@ import sdjax
 from cli_checks import assert_one_line_exit_2
 from sdjax import batch_sampling
 from sdjax.convert.safetensors_io import read_safetensors, write_safetensors
-from sdjax.pipeline import SamplingError, image_keys, initial_noise, seed_key
+from sdjax.pipeline import SamplingError, image_keys, initial_noise
 from sdjax.png_info import parse_parameters, read_parameters
+from sdjax.seeds import seed_key
 
 
 @pytest.fixture

@@ -179,8 +179,9 @@ def all_captions(data_config, limit: int = 0) -> list[str]:
 
 
 def _derived_seed(*numbers: int) -> int:
-    """A 32-bit seed mixed from several integers (grain seeds must fit in uint32)."""
-    return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1)[0])
+    """A 32-bit seed mixed from several non-negative integers of any size (grain seeds must fit in uint32;
+    SeedSequence mixes every bit, so seeds that differ above bit 32 give different streams)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
 
 
 class _HostRows(grain.MapDataset):

@@ -26,6 +26,8 @@ from sdjax.flops import compiled_flops, measured_peak_flops, traced_flops
 from sdjax.host_memory import release_freed_heap
 from sdjax.models.layers import single_cpu_device
 from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
+from sdjax.pipeline import SamplingError
+from sdjax.seeds import SEED_LIMIT
 from sdjax.train import faults
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import check_keys
@@ -44,6 +46,7 @@ class TrainingError(RuntimeError):
 # Bounds beyond being finite (every float value must be), as (key, bound in words, test). Each stops a
 # value that makes the run diverge or mean nothing without an error of its own.
 BOUNDS: tuple[tuple[str, str, Callable[[float], bool]], ...] = (
+    ("seed", "in [0, 2**64)", lambda x: isinstance(x, int) and 0 <= x < SEED_LIMIT),
     ("grad_accum_steps", ">= 1", lambda x: x >= 1),
     ("optimizer.learning_rate", "> 0", lambda x: x > 0),
     ("optimizer.warmup_steps", ">= 0", lambda x: x >= 0),
@@ -268,7 +271,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 progress.update(step, logged)
                 window, window_start, window_steps = [], time.perf_counter(), 0
             if task.preview and config.log.preview_every_steps and step % config.log.preview_every_steps == 0:
-                images = task.preview({**state.frozen, **state.ema}, previews)  # the EMA weights, fixed seeds
+                try:
+                    images = task.preview({**state.frozen, **state.ema}, previews)  # the EMA weights, fixed seeds
+                except SamplingError as e:  # non-finite EMA (or an overflowing sampler): stop, as at a save
+                    raise TrainingError(f"step {step}: preview: {e}; {last_good(checkpoints)}") from None
                 writer.write_images(step, {"preview": images})  # process 0 writes
                 window_start = time.perf_counter()  # keep sampling time out of the step time
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:

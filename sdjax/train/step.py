@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sdjax.seeds import seed_key
 from sdjax.train.objectives import Objective, diffusion_objective
 from sdjax.train.optimizer import AdamW
 
@@ -56,7 +57,7 @@ def init_state(params: dict[str, Any], config: ml_collections.ConfigDict,
     trained = {n: params[n] for n in names}
     return TrainState(step=jnp.int32(0), params=trained, opt_state=tx.init(trained),
                       ema=jax.tree.map(jnp.copy, trained),
-                      rng=jax.random.key_data(jax.random.key(config.seed)), bad_steps=jnp.int32(0),
+                      rng=jax.random.key_data(seed_key(config.seed)), bad_steps=jnp.int32(0),
                       frozen={n: p for n, p in params.items() if n not in names})
 
 
