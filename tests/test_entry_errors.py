@@ -154,3 +154,15 @@ def test_plan_refuses_before_compiling_or_writing(tmp_path, args, message):
     code, err = _run("plan.py", f"--config={TINY}", "--mesh=data=1", "--nosample", *args, cwd=tmp_path)
     _assert_one_line_exit_2(code, err, "plan.py", message)
     assert _snapshot(tmp_path) == before
+
+
+def test_train_checks_every_sweep_point_before_the_first_runs(tmp_path):
+    """A bad value in sweep point 1 fails before point 0 trains (or writes anything)."""
+    config = tmp_path / "swept.py"
+    config.write_text(f"import runpy\nget_config = runpy.run_path({TINY!r})['get_config']\n\n\n"
+                      "def sweep(add):\n    add(**{'optimizer.learning_rate': 1e-3})\n"
+                      "    add(**{'optimizer.learning_rate': float('nan')})\n")
+    before = _snapshot(tmp_path)
+    code, err = _run("train.py", f"--config={config}", "--workdir=run", "--sweep=all", cwd=tmp_path)
+    _assert_one_line_exit_2(code, err, "train.py", "optimizer.learning_rate must be a finite number > 0, got nan")
+    assert _snapshot(tmp_path) == before
