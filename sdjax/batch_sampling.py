@@ -277,10 +277,10 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
         if source is None:
             strength = None  # a --strength default applies to the prompts with an init image
         else:
-            run_steps = int(s["steps"] * (strength or (1.0 if mask else 0.8)))
-            if run_steps < 1:
-                raise ValueError(f"{entry.source('strength')} {strength} with {s['steps']} steps leaves no "
-                                 "denoising step")
+            effective = strength or (1.0 if mask else 0.8)  # generate's defaults
+            if int(s["steps"] * effective) < 1:
+                raise ValueError(f"{entry.where}: {s['steps']} steps at strength {effective} leave no denoising "
+                                 "step; give more steps or a higher strength")
         seed = s["seed"]
         if "seed" not in entry.settings:
             seed += len(jobs)  # count up across all images

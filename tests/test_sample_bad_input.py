@@ -52,7 +52,9 @@ BIG = str(2**70)
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     (["--strength", "0.5"], "--strength given without --init-image"),
     (["--strength", "nan", "--init-image", "IMG"], "--strength must be in (0, 1], got nan"),
-    (["--init-image", "IMG", "--strength", "0.1", "--steps", "5"], "--strength 0.1 with 5 steps leaves no denoising"),
+    (["--init-image", "IMG", "--strength", "0.1", "--steps", "5"], "--prompt: 5 steps at strength 0.1 leave no "
+                                                                   "denoising step"),
+    (["--init-image", "IMG", "--steps", "1"], "--prompt: 1 steps at strength 0.8 leave no denoising step"),
     (["--init-image", "IMG", "--size", "16"], "--init-image IMG: image is 32x32 (HxW); the job's size is 16x16"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
 ])
