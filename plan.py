@@ -123,7 +123,8 @@ def main(argv: list[str]) -> int:
         sd = plan.planning_model(config.model, architecture)
         report = {"config": config_path, "model": source, "mesh": plan.mesh_description(mesh),
                   "mesh_shape": dict(mesh.shape), "devices": mesh.size, "backend": jax.default_backend(),
-                  "backend_note": plan.backend_note(), "device_memory_gb": memory_gb}
+                  "backend_note": plan.backend_note(), "device_memory_gb": memory_gb,
+                  "attention": plan.attention_used(config.model.attention_impl, mesh)}
         if target is not None:
             report.update(backend="tpu", backend_note=plan.tpu_backend_note(mesh),
                           target=plan.target_facts(target))

@@ -88,6 +88,9 @@ def main(argv: list[str]) -> int:
         for run_config, run_dir in runs:  # every run's config and folder, before the first run creates or
             check_config(run_config)       # compiles anything (a bad sweep point fails now, not hours later)
             check_output_dir(run_dir, "--workdir")
+        from sdjax.pipeline import enable_compilation_cache
+
+        enable_compilation_cache()  # a resumed, restaged or re-swept run loads its compiled programs
         for run_config, run_dir in runs:
             if len(runs) > 1:
                 print(f"{'stage' if stages is not None else 'sweep point'} {run_dir}", flush=True)

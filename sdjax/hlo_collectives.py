@@ -1,4 +1,4 @@
-"""The collectives of a compiled program, read from its optimized HLO text (compiled.as_text()).
+"""The collectives (and custom calls) of a compiled program, read from its optimized HLO text (compiled.as_text()).
 
 Counts are static: an instruction inside a loop body (lax.scan over micro-batches or denoising steps)
 counts once, however often the loop runs. Bytes are each instruction's result per device (for an
@@ -19,6 +19,17 @@ _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 # TPU lowers a reduce-scatter to a fusion of an all-reduce and a slice, in a computation of this name.
 _FUSED_REDUCE_SCATTER = "all-reduce-scatter"
+
+
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def custom_calls(hlo_text: str) -> dict[str, int]:
+    """{target: count} of the custom calls in the HLO (e.g. "tpu_custom_call": a Pallas / Mosaic kernel)."""
+    out: dict[str, int] = {}
+    for target in _CUSTOM_CALL_TARGET.findall(hlo_text):
+        out[target] = out.get(target, 0) + 1
+    return out
 
 
 def shape_bytes(shape: str) -> int:

@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
 from sdjax.find_batch import largest_fitting_batch
 from sdjax.flops import compiled_cost, compiled_flops, traced_flops
-from sdjax.hlo_collectives import KINDS, collectives
+from sdjax.hlo_collectives import KINDS, collectives, custom_calls
+from sdjax.models.attention import resolved_impl
 from sdjax.models.params import abstract_params, logical_axes
 from sdjax.models.presets import PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
@@ -139,9 +140,10 @@ def memory(compiled: Any) -> dict[str, int]:
 
 
 def compiled_analysis(compiled: Any) -> dict[str, Any]:
-    """Per device, one call: XLA's cost analysis (a loop body counted once) and the collectives in the
-    optimized HLO."""
-    return {"cost": compiled_cost(compiled), "collectives": collectives(compiled.as_text())}
+    """Per device, one call: XLA's cost analysis (a loop body counted once), the collectives in the
+    optimized HLO and its custom calls (Pallas kernels on TPU are "tpu_custom_call")."""
+    text = compiled.as_text()
+    return {"cost": compiled_cost(compiled), "collectives": collectives(text), "custom_calls": custom_calls(text)}
 
 
 def verdict(total_bytes: int, device_memory_gb: float) -> dict[str, Any]:
@@ -299,6 +301,13 @@ def tpu_backend_note(mesh: Mesh) -> str:
     return f"XLA TPU compiler ({libtpu}) for {mesh.devices.flat[0].device_kind}, compile-only (nothing ran)"
 
 
+def attention_used(name: str, mesh: Mesh) -> str:
+    """The attention kernel the programs get on this mesh's platform ("auto" resolved: "splash" on TPU)."""
+    with jax.set_mesh(mesh):
+        used = resolved_impl(name)
+    return used if used == name else f"{used} ({name})"
+
+
 def mesh_description(mesh: Mesh) -> str:
     devices = mesh.devices.flat[0]
     return f"{' '.join(f'{a}={n}' for a, n in mesh.shape.items())} over {mesh.size} {devices.platform} devices"
@@ -325,7 +334,7 @@ def format_report(report: dict[str, Any]) -> str:
     programs = [(title, report[key]) for key, title in (("train", "train step"), ("sample", "sampling"))
                 if key in report]
     lines = [f"config   {report['config']}", f"model    {report['model']}", f"mesh     {report['mesh']}",
-             f"backend  {report['backend_note']}", ""]
+             f"backend  {report['backend_note']}", f"attention {report['attention']}", ""]
     target = report.get("target")
     if target:
         lines[3:3] = [f"target   {target['name']}: {target['chips']} chips = {target['devices']} devices, topology "
@@ -370,6 +379,7 @@ def format_report(report: dict[str, Any]) -> str:
         rows[12:12] = [("  compiler peak", mem("peak_bytes"))]
         rows += [("collectives per chip (static)", lambda p: ""),
                  *((f"  {kind}", collective(kind)) for kind in KINDS),
+                 ("Pallas kernels (static)", lambda p: str(p["custom_calls"].get("tpu_custom_call", 0))),
                  ("ESTIMATE, not measured", lambda p: ""),
                  ("  seconds / call (estimate)", lambda p: f"{p['estimate']['estimated_seconds_per_call']:.4g} s"),
                  ("  MFU (estimate)", lambda p: f"{p['estimate']['estimated_mfu']:.1%}"),

@@ -97,7 +97,7 @@ class StableDiffusion:
                       scheduler_config=self.scheduler_config, model_index=self.model_index, dtype=dtype)
 
 
-def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "xla",
+def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "auto",
          variant: str | None = None, allow_pickle: bool = False, to_device: bool = True) -> StableDiffusion:
     """Loads a Stable Diffusion 1.x/2.x checkpoint from a diffusers folder.
 
@@ -105,7 +105,8 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
       path: folder with model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
       dtype: compute dtype of the networks (e.g. jnp.bfloat16 on TPU/GPU).
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
-      attention_impl: "xla", "dot" or "cudnn" (see sdjax.models.attention).
+      attention_impl: "auto" (the Pallas kernel on TPU, "xla" elsewhere), "xla", "dot", "cudnn" or
+        "splash" (see sdjax.models.attention).
       variant: weight-file variant, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
       allow_pickle: also read .bin/.ckpt weights (unpickling can run code: only for trusted files).
       to_device: False keeps the parameters as host numpy arrays, to be placed (e.g. sharded) by the caller.

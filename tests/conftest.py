@@ -5,13 +5,31 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/builders.py
 
-# builders imports torch; the fixtures import it when used, so torch-free runs (e.g. the TPU compile
-# tests in an environment with libtpu and without torch) can collect the suite.
+# builders imports torch; the fixtures import it when used, so torch-free runs (CI's Python 3.12 run with the
+# current jax and libtpu) collect the suite and skip only what needs the PyTorch reference.
+NO_TORCH = "the PyTorch reference is not installed (torch-free run)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """sample.py and train.py keep compiled programs in $SDJAX_CACHE_DIR: one folder for this test session
+    (shared by xdist's workers), so the many runs of the same tiny programs compile once, and no test reads
+    or fills the user's ~/.cache."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
+    previous = os.environ.get("SDJAX_CACHE_DIR")
+    os.environ["SDJAX_CACHE_DIR"] = str(folder)
+    yield str(folder)
+    if previous is None:
+        os.environ.pop("SDJAX_CACHE_DIR", None)
+    else:
+        os.environ["SDJAX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Tiny SD1- and SD2-style diffusers folders with their torch reference components."""
+    pytest.importorskip("torch", reason=NO_TORCH)
     import builders
 
     root = str(tmp_path_factory.mktemp("checkpoints"))
@@ -21,6 +39,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def inpaint_checkpoint(tmp_path_factory):
     """A tiny SD1-style inpainting checkpoint (9-channel UNet)."""
+    pytest.importorskip("torch", reason=NO_TORCH)
     import builders
 
     root = str(tmp_path_factory.mktemp("inpaint"))

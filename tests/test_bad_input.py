@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
 import sdjax
 from sdjax import CheckpointError

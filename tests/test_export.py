@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
 import sdjax
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
 import sdjax
 from sdjax.pipeline import initial_noise

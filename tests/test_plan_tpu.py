@@ -53,6 +53,7 @@ def test_train_and_sampler_compile_for_v5e_8(plans, mesh):
     assert report["backend"] == "tpu" and "TPU v5 lite" in report["backend_note"]
     assert report["target"]["name"] == "v5e-8" and report["devices"] == 8 == report["target"]["chips"]
     assert report["device_memory_gb"] == 16  # the chip's HBM
+    assert report["attention"] == "splash (auto)"  # the default attention is the Pallas kernel on TPU
     for name in ("train", "sample"):
         program = report[name]
         assert program["memory"]["total_bytes"] > 0 and program["memory"]["peak_bytes"] > 0
@@ -61,12 +62,14 @@ def test_train_and_sampler_compile_for_v5e_8(plans, mesh):
         estimate = program["estimate"]
         assert estimate["source"].startswith("estimate: ") and estimate["estimated_seconds_per_call"] > 0
         assert 0 < estimate["estimated_mfu"] <= 1
+        assert program["custom_calls"].get("tpu_custom_call", 0) > 0  # the Pallas kernel, compiled by Mosaic
     collectives = report["train"]["collectives"]
     if mesh == "fsdp=8":  # sharded weights are gathered for use
         assert collectives["all-gather"]["count"] > 0
     else:  # replicated weights: the gradients are summed over the data axis
         assert collectives["all-reduce"]["count"] > 0 and collectives["all-gather"]["count"] == 0
     assert "ESTIMATE, not measured" in result.stdout and "MFU (estimate)" in result.stdout
+    assert "attention splash (auto)" in result.stdout and "Pallas kernels (static)" in result.stdout
     assert "involuntary full rematerialization" not in result.stderr.lower()
 
 

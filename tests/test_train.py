@@ -199,8 +199,10 @@ def test_latent_cache_follows_the_vae(tmp_path, data_dir, capsys):
     assert "latent cache: reusing" in capsys.readouterr().out
     first = held_out(config.data, config.data.split, 1)["pixels"]  # example 0 of the split
     mean, logvar = vae.apply({"params": params[0]}, first, method="encode")
-    np.testing.assert_allclose(np.load(os.path.join(folder, "mean.npy"))[0], mean[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.load(os.path.join(folder, "logvar.npy"))[0], logvar[0], rtol=1e-5, atol=1e-6)
+    # The cache encodes a chunk of images at once, the reference one image alone: float32 sums in another
+    # order (jax 0.12's CPU convolutions differed by 1.7e-6 on values ~0.03).
+    np.testing.assert_allclose(np.load(os.path.join(folder, "mean.npy"))[0], mean[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(os.path.join(folder, "logvar.npy"))[0], logvar[0], rtol=1e-5, atol=1e-5)
     cache_latents(config, folder, vae, params[1])
     assert "out of date (vae_params_sha256 changed); rebuilding" in capsys.readouterr().out
     assert not np.allclose(np.load(os.path.join(folder, "mean.npy"))[0], mean[0])

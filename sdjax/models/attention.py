@@ -7,7 +7,10 @@ Implementations (the `attention_impl` field of every model):
             3x faster on SD's 4096-token self-attention (see BENCHMARKS.md).
   "dot"     jax.nn.dot_product_attention, letting XLA pick (fused where it can).
   "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): flash attention on NVIDIA GPUs.
-New kernels (e.g. a Pallas flash kernel on TPU) register in ATTENTION_IMPLS.
+  "splash"  jax's Pallas splash (flash) kernel on TPU, with SD's shapes padded to its blocks and shard_map
+            under a mesh (sdjax.models.splash_attention); elsewhere the same kernel in interpret mode (slow).
+  "auto"    "splash" in programs for TPU, "xla" everywhere else: the default of sample.py and train.py.
+New kernels register in ATTENTION_IMPLS.
 Programs traced only to count their FLOPs trace every kernel as plain einsums (`counting_flops`).
 """
 
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models.layers import Dtype, dense, single_cpu_device
+from sdjax.models.splash_attention import on_tpu, splash_attention
 
 
 # The CPU path works one head and one block of queries at a time, so the float32 logits of a block
@@ -144,10 +148,16 @@ def _fused_attention(implementation: str | None) -> Callable:
     return attend
 
 
+def _auto_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
+    return (splash_attention if on_tpu() else _xla_attention)(q, k, v, causal=causal, upcast=upcast)
+
+
 ATTENTION_IMPLS: dict[str, Callable] = {
     "xla": _xla_attention,
     "dot": _fused_attention(None),
     "cudnn": _fused_attention("cudnn"),
+    "splash": splash_attention,
+    "auto": _auto_attention,
 }
 
 
@@ -156,6 +166,13 @@ def attention_fn(name: str) -> Callable:
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl: unknown {name!r} (known: {', '.join(ATTENTION_IMPLS)})")
     return ATTENTION_IMPLS[name]
+
+
+def resolved_impl(name: str) -> str:
+    """The kernel `name` stands for on this process's platform ("auto" -> "splash" or "xla"), for records
+    that must tell the numbers' source apart (e.g. the latent cache's key)."""
+    attention_fn(name)
+    return ("splash" if on_tpu() else "xla") if name == "auto" else name
 
 
 # Part of jax's trace context (unlike a plain context variable), so a function traced inside

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_text_encoder = False
     c.model.dtype = "float32"       # compute dtype; parameters and optimizer state stay float32
     c.model.remat = False           # rematerialise UNet blocks in the backward pass
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "auto"
 
     c.data = default_data_config()
     c.mesh = mesh_config()          # data / fsdp / tensor sizes and the logical-axis rules

@@ -32,6 +32,7 @@ from sdjax.convert.safetensors_io import write_safetensors
 from sdjax.data.latent_cache import ensure_latent_cache
 from sdjax.data.pipeline import all_captions, held_out
 from sdjax.models import AutoencoderKL, VAEConfig
+from sdjax.models.attention import resolved_impl
 from sdjax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
 from sdjax.models.presets import preset
 from sdjax.train.build import build_model, scratch_tokenizer, text_config
@@ -145,7 +146,7 @@ def cache_latents(config: ml_collections.ConfigDict, folder: str, vae: nn.Module
         return mean[:len(pixels)], logvar[:len(pixels)]
 
     identity = {"vae_config": vae.config.to_dict(), "vae_dtype": jnp.dtype(vae.dtype).name,
-                "vae_attention_impl": vae.attention_impl, "vae_params_sha256": params_digest(params)}
+                "vae_attention_impl": resolved_impl(vae.attention_impl), "vae_params_sha256": params_digest(params)}
     ensure_latent_cache(folder, config.data, encode_chunk, identity, chunk, config.log.progress_bar)
 
 
