@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
             tpu_targets.require_libtpu()
             tpu_targets.quiet_libtpu(target)  # before JAX loads libtpu
         else:
+            tpu_targets.skip_absent_tpu()  # libtpu without chips: plan on the CPU, without libtpu's errors
             _set_xla_flags(_DEVICES.value if _DEVICES.value is not None else
                            (math.prod(sizes.values()) if known else None))
         import jax

@@ -6,6 +6,7 @@ import heapq
 import json
 import os
 import re
+import sys
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
@@ -16,14 +17,31 @@ import numpy as np
 from sdjax.convert.safetensors_io import CheckpointError
 
 
+def _clip_tokenizer_class():
+    """transformers' CLIPTokenizer. Without PyTorch (a TPU VM needs none) transformers advises at import that
+    its models are unavailable; sdjax uses only its tokenizers, so that advice is kept out of the terminal."""
+    if "transformers" not in sys.modules:
+        previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"  # read when the advice is logged, at import
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if previous is None:
+                os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer
+
+
 def load_tokenizer(folder: str):
     """transformers' CLIPTokenizer from a tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json).
 
     Always through `from_pretrained(folder)`: in transformers 5, CLIPTokenizer(vocab_file=...,
     merges_file=...) silently builds a 3-token vocabulary.
     """
-    from transformers import CLIPTokenizer
-
+    CLIPTokenizer = _clip_tokenizer_class()
     has = lambda name: os.path.isfile(os.path.join(folder, name))
     if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
         raise CheckpointError(f"{folder}: no tokenizer found (needs vocab.json and merges.txt, or tokenizer.json)")
@@ -71,8 +89,7 @@ def write_bpe_tokenizer(folder: str, merges: Sequence[tuple[str, str]] = (), pad
     Every byte is a token alone and word-final ("x</w>"), so any text is covered; each merge adds
     its joined token. pad is "eos" (SD1 style) or a token such as "!" (SD2 style, id 0).
     """
-    from transformers import CLIPTokenizer
-
+    CLIPTokenizer = _clip_tokenizer_class()
     chars = byte_characters()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}

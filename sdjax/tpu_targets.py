@@ -161,6 +161,23 @@ def quiet_libtpu(target: Target) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def skip_absent_tpu() -> None:
+    """Keeps JAX from starting libtpu on a machine that has it installed (the `tpu` extra, for plan.py
+    --target) but no TPU chips: there the TPU backend cannot start anyway, and trying prints about five lines
+    of libtpu errors at every JAX start. JAX is then limited to the CPU. Called by the command-line tools
+    before JAX picks its backends; does nothing where JAX_PLATFORMS is set, on a TPU host, without libtpu,
+    or where a CUDA plugin is installed (JAX's own choice of GPU stays)."""
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return
+    if importlib.util.find_spec("libtpu") is None or tpu_chips_attached():
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
 def topology_devices(target: Target) -> list[Any]:
     """The target's abstract TPU devices, ordered slice by slice (then by id): a mesh's leading axis that
     is a multiple of num_slices then spans the slices, so its collectives are the ones that cross DCN."""
@@ -189,4 +206,4 @@ def check_mesh(sizes: dict[str, int], target: Target) -> dict[str, int]:
 
 
 __all__ = ["CHIPS", "Chip", "EXTRA", "Target", "check_mesh", "known_targets", "parse_target", "quiet_libtpu",
-           "require_libtpu", "topology_devices"]
+           "require_libtpu", "skip_absent_tpu", "topology_devices"]

@@ -82,3 +82,21 @@ def test_largest_fitting_batch_when_the_line_misleads(capacity):
     b = found["batch_per_chip"]
     assert memory(b) <= capacity < memory(b + 1)
     assert found["bytes"] == memory(b) and found["next_bytes"] == memory(b + 1)
+
+
+LIBTPU_NOISE = ("Failed to find host bounds", "unexpected worker hostname", "TPU_ACCELERATOR_TYPE", "InitGoogle")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed here")
+def test_tools_start_jax_without_libtpus_errors_on_a_machine_without_tpus(tmp_path):
+    """With the tpu extra installed on a machine without TPU chips, a JAX start would print libtpu's errors;
+    sample.py (as every tool) keeps JAX off the TPU backend there, and its terminal shows only its own lines.
+    Torch-free installs also show no transformers advice about PyTorch."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a red circle",
+                             "--steps", "2", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for noise in LIBTPU_NOISE + ("PyTorch was not found",):
+        assert noise not in result.stderr + result.stdout
+    assert os.listdir(tmp_path / "out") == ["00000-0.png"]
