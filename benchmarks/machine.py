@@ -32,12 +32,26 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
+# The vector / matrix extensions that decide XLA's and PyTorch's CPU kernels (a CPU model name such as "AMD
+# EPYC" covers machines with and without AVX-512): /proc/cpuinfo flag -> name shown.
+ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512 BF16",
+             "avx512_vnni": "AVX-512 VNNI", "avx512_fp16": "AVX-512 FP16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16",
+             "amx_int8": "AMX-INT8"}
+
+
+def isa_extensions(flags: str | None = None) -> list[str]:
+    """The ISA_FLAGS present in a /proc/cpuinfo "flags" line (default: this machine's), in ISA_FLAGS' order."""
+    present = set((flags if flags is not None else _first_field("/proc/cpuinfo", "flags") or "").split())
+    return [name for flag, name in ISA_FLAGS.items() if flag in present]
+
+
 def describe_machine() -> str:
-    """e.g. "AMD EPYC 7B13, 2 logical CPUs, 23.5 GiB RAM, GPU: none"."""
+    """e.g. "AMD EPYC 7B13, 2 logical CPUs (AVX2, FMA, AVX-512F), 23.5 GiB RAM, GPU: none"."""
     cpu = _first_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
     mem_kib = _first_field("/proc/meminfo", "MemTotal")
     ram = f"{int(mem_kib.split()[0]) / 2 ** 20:.1f} GiB RAM" if mem_kib else "RAM unknown"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {ram}, GPU: {', '.join(gpu_names()) or 'none'}"
+    isa = ", ".join(isa_extensions()) or "none of " + "/".join(ISA_FLAGS.values())
+    return f"{cpu}, {os.cpu_count()} logical CPUs (ISA: {isa}), {ram}, GPU: {', '.join(gpu_names()) or 'none'}"
 
 
 def describe_versions() -> str:

@@ -74,7 +74,7 @@ def test_markdown_keeps_notes_and_the_other_device(tiny_run):
     assert text.startswith(f"# Benchmarks\n\n{NOTES}\n")
     assert GPU_SECTION in text
     cpu = text[text.index("<!-- benchmarks:cpu:begin -->"):text.index("<!-- benchmarks:cpu:end -->")]
-    assert "## CPU" in cpu and "- Machine: " in cpu and "logical CPUs" in cpu
+    assert "## CPU" in cpu and "- Machine: " in cpu and "logical CPUs (ISA: " in cpu
     versions = next(line for line in cpu.splitlines() if line.startswith("- Versions: "))
     for name in ("python", "jax", "jaxlib", "flax", "torch", "diffusers", "transformers"):
         assert f" {name} " in versions
@@ -120,3 +120,11 @@ def test_device_defaults_and_the_float32_cudnn_pair(monkeypatch):
         run.settings_from_args(run.parse_args(["--device", "gpu", "--dtype", "float32", "--attention", "cudnn"]))
     cpu = run.settings_from_args(run.parse_args(["--preset", "tiny", "--device", "cpu", "--repeats", "5"]))
     assert (cpu.sdjax_dtype, cpu.attention, cpu.batch, cpu.warmup, cpu.repeats) == ("float32", "xla", 1, 1, 5)
+
+
+def test_isa_extensions_read_from_cpuinfo_flags():
+    from benchmarks.machine import isa_extensions
+
+    assert isa_extensions("fpu sse avx avx2 fma avx512f avx512bw amx_tile amx_bf16") == [
+        "AVX2", "FMA", "AVX-512F", "AMX", "AMX-BF16"]
+    assert isa_extensions("fpu sse sse2 avx") == []
