@@ -12,16 +12,18 @@ import math
 from typing import Any, Callable
 
 
-def largest_fitting_batch(bytes_at: Callable[[int], int], capacity: int, limit: int = 4096) -> dict[str, Any]:
+def largest_fitting_batch(bytes_at: Callable[[int], int | None], capacity: int, limit: int = 4096) -> dict[str, Any]:
     """The largest b in [1, limit] with bytes_at(b) <= capacity (b = 0 when even 1 does not fit), assuming
-    bytes_at grows with b. Returns batch_per_chip, its bytes, the next batch's bytes (None at the limit),
-    the line's prediction and every (batch, bytes) compiled."""
-    seen: dict[int, int] = {}
+    bytes_at grows with b; bytes_at returns None for a batch the compiler refused (over memory: it does not
+    fit). Returns batch_per_chip, its bytes, the next batch's bytes (None at the limit or when refused),
+    the batches refused, the line's prediction and every (batch, bytes) compiled."""
+    seen: dict[int, int | None] = {}
 
     def fits(b: int) -> bool:
         if b not in seen:
-            seen[b] = int(bytes_at(b))
-        return seen[b] <= capacity
+            found = bytes_at(b)
+            seen[b] = None if found is None else int(found)
+        return seen[b] is not None and seen[b] <= capacity
 
     predicted = None
     if not fits(1):
@@ -49,7 +51,8 @@ def largest_fitting_batch(bytes_at: Callable[[int], int], capacity: int, limit: 
         best = low
     return {"batch_per_chip": best, "bytes": seen.get(best), "next_bytes": seen.get(best + 1),
             "capacity_bytes": capacity, "predicted": predicted, "compiles": len(seen),
-            "compiled": sorted(seen.items())}
+            "refused": sorted(b for b, n in seen.items() if n is None),
+            "compiled": sorted((b, n) for b, n in seen.items() if n is not None)}
 
 
 __all__ = ["largest_fitting_batch"]

@@ -152,10 +152,21 @@ def verdict(total_bytes: int, device_memory_gb: float) -> dict[str, Any]:
     return {"device_memory_bytes": capacity, "fits": total_bytes <= capacity, "margin_bytes": capacity - total_bytes}
 
 
-def _compile(fn: Any, args: tuple, mesh: Mesh, rules: Any) -> tuple[Any, float]:
+class DoesNotFit(ValueError):
+    """The compiler refused a program because it cannot fit the device's memory (the TPU compiler checks
+    its buffers against the chip's HBM while compiling), so there is no memory analysis to report."""
+
+
+def _compile(fn: Any, args: tuple, mesh: Mesh, rules: Any, what: str) -> tuple[Any, float]:
     start = time.perf_counter()
     with activate(mesh, rules):  # the models' activation constraints apply only inside the mesh context
-        compiled = fn.lower(*args).compile()
+        try:
+            compiled = fn.lower(*args).compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            first = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e).splitlines()[0])
+            raise DoesNotFit(f"{what} does not fit: the compiler refused it: {first.strip()}") from None
     return compiled, time.perf_counter() - start
 
 
@@ -184,7 +195,8 @@ def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: 
                                               sharding=batch_sharding(mesh, rules, 2))
     step = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)))
-    compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules)
+    compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules,
+                                 f"the train step (batch {config.batch_size})")
     state = {group: {"per_device_bytes": device_bytes(getattr(abstract, group), getattr(shardings, group)),
                      "global_bytes": global_bytes(getattr(abstract, group))} for group in STATE_GROUPS}
     # XLA counts a loop body once: with accumulation the micro-batch scan runs grad_accum_steps times
@@ -231,7 +243,7 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
     scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
     noise = jax.ShapeDtypeStruct((batch, *latent), jnp.float32, sharding=rows(4))
     args = (_with_shardings(abstract, shardings), ids, ids, keys, scale, noise, None, None)
-    compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules)
+    compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules, f"sampling (batch {batch})")
     # XLA counts the denoising scan's body once; add the other iterations' model calls.
     per_step = model_call_flops(view, batch, latent, guidance_scale)
     flops = compiled_flops(compiled) * mesh.size + (len(sched.timesteps) - 1) * per_step
@@ -273,11 +285,16 @@ def plan_largest_batch(plan_at: Callable[[int], dict[str, Any]], capacity_bytes:
     search: batch_per_chip, bytes, next_bytes, compiled). plan_at(b) plans with b rows per batch shard."""
     plans: dict[int, dict[str, Any]] = {}
 
-    def bytes_at(b: int) -> int:
-        plans[b] = plan_at(b)
+    def bytes_at(b: int) -> int | None:
+        try:
+            plans[b] = plan_at(b)
+        except DoesNotFit:
+            return None  # refused by the compiler: over the device's memory
         return resident_bytes(plans[b], tpu)
 
     found = largest_fitting_batch(bytes_at, capacity_bytes)
+    if found["batch_per_chip"] == 0 and 1 not in plans:
+        raise DoesNotFit("even 1 row per chip does not fit: the compiler refused it")
     return plans[max(found["batch_per_chip"], 1)], found
 
 
@@ -390,7 +407,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     for key, found in report.get("find_batch", {}).items():
         after = (f"; {found['batch_per_chip'] + 1} needs {_size(found['next_bytes'])}"
-                 if found["next_bytes"] is not None else "")
+                 if found["next_bytes"] is not None else
+                 f"; the compiler refused {found['batch_per_chip'] + 1} (over memory)"
+                 if found['batch_per_chip'] + 1 in found.get("refused", []) else "")
         lines += [f"largest {key} batch per chip within {_size(found['capacity_bytes'])}: {found['batch_per_chip']}"
                   + (f" ({_size(found['bytes'])}{after})" if found["batch_per_chip"] else after)
                   + f"; {found['compiles']} compiles" + (f", the line predicted {found['predicted']}"

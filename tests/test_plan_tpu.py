@@ -83,7 +83,9 @@ def test_fsdp_holds_an_eighth_of_the_state(plans):
 
 
 def test_find_batch_under_a_small_cap(tmp_path, plans):
-    # A cap a little above the sampler's memory at one row per chip (data=8, 8 images): 1 fits, 2 does not.
+    # A cap a little above the sampler's memory at one row per chip (data=8, 8 images). With jax 0.10's
+    # libtpu 2 rows then do not fit; jax 0.12's packs 2 rows of the tiny model in the same memory: so the
+    # answer is some b >= 1 that fits where b + 1 does not (or is refused by the compiler).
     one_row = plans["data=8"][1]["sample"]
     assert one_row["batch_size"] == 8
     cap = max(one_row["memory"]["total_bytes"], one_row["memory"]["peak_bytes"]) + 2 ** 16
@@ -95,7 +97,8 @@ def test_find_batch_under_a_small_cap(tmp_path, plans):
         report = json.load(f)
     found = report["find_batch"]["sample"]
     b = found["batch_per_chip"]
-    assert b == 1 and found["bytes"] <= found["capacity_bytes"] < found["next_bytes"]
+    assert b >= 1 and found["bytes"] <= found["capacity_bytes"]
+    assert b + 1 in found["refused"] or found["capacity_bytes"] < found["next_bytes"]
     assert report["sample"]["batch_size"] == 8 * b and report["sample"]["verdict"]["fits"]
     assert "largest sample batch per chip within" in result.stdout
 
