@@ -18,12 +18,13 @@ kernel runs in Pallas interpret mode (slow, for checking numerics on CPU).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sdjax.parallel import spec_for
 
 LANES = 128  # the kernel's block granularity along both sequences
 _BLOCKS = (512, 256, 128)  # preferred block sizes, largest first (each must divide the padded length)
@@ -68,22 +69,11 @@ def _attend_local(q, k, v, *, lengths: tuple[int, int], causal: bool, interpret:
 
 def _mesh_spec(shape: tuple[int, ...]) -> tuple[Any, jax.sharding.PartitionSpec] | None:
     """The context mesh and the spec of a (B, H, L, D) operand: batch and heads split as the logical rules say
-    (where the axes divide them), the rest whole; None without a mesh of more than one device."""
+    (sdjax.parallel.spec_for, as for every activation), the rest whole; None without a mesh of >1 device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
-    rules = dict(nn.get_logical_axis_rules())
-    spec, used = [], set()
-    for name, size in zip(("batch", "heads", None, None), shape):
-        axes = rules.get(name) if name else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-            used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
-    return mesh, jax.sharding.PartitionSpec(*spec)
+    return mesh, spec_for(("batch", "heads", None, None), shape, mesh, nn.get_logical_axis_rules())
 
 
 def _run(q, k, v, *, lengths: tuple[int, int], causal: bool, interpret: bool) -> jax.Array:
