@@ -38,9 +38,9 @@ def main(argv: list[str]) -> int:
     """Checks the whole job (flags, every prompts-file line, the files they name, the model), then
     creates --out and writes one PNG per image. Bad input: one line on stderr, exit 2, nothing written."""
     args = parse_args(argv)
-    from sdjax.tpu_targets import skip_absent_tpu
+    from sdjax import backends
 
-    skip_absent_tpu()  # before JAX starts its backends
+    backends.prepare()  # before JAX starts its backends
     import sdjax
     from sdjax import batch_sampling as job
     from sdjax.cli import check_output_dir

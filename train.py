@@ -49,9 +49,9 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save and read at INFO
     import importlib.util
 
-    from sdjax.tpu_targets import skip_absent_tpu
+    from sdjax import backends
 
-    skip_absent_tpu()  # before JAX starts its backends
+    backends.prepare()  # before JAX starts its backends
     from sdjax.parallel import initialize_processes
     from sdjax.train.config import apply_overrides, sweep_points
     from sdjax.train.loop import TrainingError, check_config, train

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from importlib import metadata
 
+from sdjax.backends import cpu_flags, choose_cpu_kernels
+
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "diffusers", "transformers")
 
 
@@ -41,8 +43,26 @@ ISA_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_bf16":
 
 def isa_extensions(flags: str | None = None) -> list[str]:
     """The ISA_FLAGS present in a /proc/cpuinfo "flags" line (default: this machine's), in ISA_FLAGS' order."""
-    present = set((flags if flags is not None else _first_field("/proc/cpuinfo", "flags") or "").split())
+    present = set(flags.split()) if flags is not None else cpu_flags()
     return [name for flag, name in ISA_FLAGS.items() if flag in present]
+
+
+# Machines are told apart by their widest vector / matrix extension: XLA's and PyTorch's CPU kernels, and
+# so the ratio between them, change with it (BENCHMARKS.md keeps one section per class).
+ISA_CLASSES = (("amx", "amx_tile", "with AMX"), ("avx512", "avx512f", "with AVX-512, no AMX"),
+               ("avx2", "avx2", "with AVX2, no AVX-512"))
+
+
+def section(device: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """(key, title) of the BENCHMARKS.md section a run on `device` belongs to: per ISA class on CPUs
+    ("cpu-avx2", "CPU with AVX2, no AVX-512"), one per device kind otherwise."""
+    if device != "cpu":
+        return device, device.upper()
+    present = cpu_flags() if flags is None else flags
+    for key, flag, title in ISA_CLASSES:
+        if flag in present:
+            return f"cpu-{key}", f"CPU {title}"
+    return "cpu-other", "CPU without AVX2"
 
 
 def describe_machine() -> str:
@@ -52,6 +72,18 @@ def describe_machine() -> str:
     ram = f"{int(mem_kib.split()[0]) / 2 ** 20:.1f} GiB RAM" if mem_kib else "RAM unknown"
     isa = ", ".join(isa_extensions()) or "none of " + "/".join(ISA_FLAGS.values())
     return f"{cpu}, {os.cpu_count()} logical CPUs (ISA: {isa}), {ram}, GPU: {', '.join(gpu_names()) or 'none'}"
+
+
+def describe_cpu_kernels(device: str) -> str:
+    """Which library runs XLA:CPU's convolutions in the sdjax workers (sdjax.backends.choose_cpu_kernels)."""
+    if device != "cpu":
+        return ""
+    added = choose_cpu_kernels(dict(os.environ))
+    if added:
+        return f"; XLA:CPU convolutions in XLA's own kernels, dots in YNNPACK ({added}: no AVX-512)"
+    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return f"; XLA_FLAGS={os.environ['XLA_FLAGS']}"
+    return "; XLA:CPU's default kernels"
 
 
 def describe_versions() -> str:

@@ -1,5 +1,6 @@
 """The results as a markdown table, and BENCHMARKS.md kept as hand-written text plus one generated section per
-device (CPU, GPU) between HTML comment markers: a run replaces only its own device's section."""
+machine class (CPU by its widest ISA extension, GPU) between HTML comment markers: a run replaces only its own
+class's section, so each kind of machine keeps its row."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import os
 import statistics
 
 from benchmarks.inputs import CONTEXT_TOKENS, TIMESTEP
-from benchmarks.machine import describe_machine, describe_versions
+from benchmarks.machine import describe_cpu_kernels, describe_machine, describe_versions, section
 from benchmarks.settings import PEAK_MATMUL_SIDE, ROWS, SIDES, Settings
 
 TITLE = """# Benchmarks: sdjax vs diffusers (PyTorch)
 
-Same machine, same random weights, one process per measurement and framework.
-Regenerate with `python -m benchmarks.run`; a run replaces only its device's section below.
+Regenerate with `python -m benchmarks.run`; a run replaces only its machine class's section below
+(CPUs by their widest ISA extension: AVX2, AVX-512, AMX), so each kind of machine keeps its table.
 
 ## Notes
 
@@ -120,7 +121,7 @@ def render(s: Settings, only: tuple[str, ...], results: dict, command: str) -> s
         f"Machine: {describe_machine()}",
         f"Versions: {describe_versions()}",
         f"Model: preset {s.preset} with random weights, shared as one diffusers folder; sdjax {s.sdjax_dtype} "
-        f"(jitted, attention {s.attention!r}{vae_attention}), torch {s.torch_dtype} "
+        f"(jitted, attention {s.attention!r}{vae_attention}{describe_cpu_kernels(s.device)}), torch {s.torch_dtype} "
         "(eager, diffusers' default SDPA attention)",
         f"Times: median of {plural(s.repeats, 'timed call')} after {plural(s.warmup, 'warm-up call')}; "
         "each measurement and framework runs in a fresh process",
@@ -144,17 +145,17 @@ def render(s: Settings, only: tuple[str, ...], results: dict, command: str) -> s
                      "s warm; torch runs eagerly, without a compile step")
     notes += flops_checks(s, results)
     bullets = lambda lines: "\n".join(f"- {line}" for line in lines)
-    return (f"## {s.device.upper()}\n\n{bullets(header)}\n\n{HEADER}\n" + "\n".join(rows)
+    return (f"## {section(s.device)[1]}\n\n{bullets(header)}\n\n{HEADER}\n" + "\n".join(rows)
             + f"\n\n{bullets(notes)}\n")
 
 
-def _markers(device: str) -> tuple[str, str]:
-    return f"<!-- benchmarks:{device}:begin -->", f"<!-- benchmarks:{device}:end -->"
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- benchmarks:{key}:begin -->", f"<!-- benchmarks:{key}:end -->"
 
 
-def merge(existing: str | None, device: str, generated: str) -> str:
-    """The file's new text: `generated` replaces this device's section (or is appended); all else is kept."""
-    begin, end = _markers(device)
+def merge(existing: str | None, key: str, generated: str) -> str:
+    """The file's new text: `generated` replaces section `key`'s (or is appended); all else is kept."""
+    begin, end = _markers(key)
     block = f"{begin}\n{generated}{end}"
     if existing is None:
         return f"{TITLE}\n{block}\n"
@@ -164,13 +165,13 @@ def merge(existing: str | None, device: str, generated: str) -> str:
     return existing.rstrip("\n") + f"\n\n{block}\n"
 
 
-def write(path: str, device: str, generated: str) -> None:
-    """Writes `generated` as the device's section of the markdown file at `path`, keeping the rest."""
+def write(path: str, key: str, generated: str) -> None:
+    """Writes `generated` as section `key` (machine.section) of the markdown file at `path`, keeping the rest."""
     existing = None
     if os.path.exists(path):
         with open(path) as f:
             existing = f.read()
-    text = merge(existing, device, generated)
+    text = merge(existing, key, generated)
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)  # a crash mid-write must not lose the hand-written notes

@@ -25,6 +25,7 @@ import time
 from typing import Callable
 
 from benchmarks import report
+from benchmarks.machine import section
 from benchmarks.settings import MEASUREMENTS, ROWS, SIDES, Settings, sides_of
 from benchmarks.weights import architecture, check_folder, is_built, native_resolution, vae_factor
 from sdjax.cli import OneLineParser
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> int:
     results = measure_all(settings, args.only)
     generated = report.render(settings, args.only, results, f"python -m benchmarks.run {shlex.join(argv)}")
     print(generated)
-    report.write(args.out, settings.device, generated)
+    report.write(args.out, section(settings.device)[0], generated)
     log(f"wrote the {settings.device.upper()} section of {args.out}")
     for line in report.flops_checks(settings, results):
         log(line)

@@ -16,7 +16,7 @@ import resource
 import sys
 
 from benchmarks.settings import SIDES, Settings
-from sdjax.tpu_targets import skip_absent_tpu
+from sdjax import backends
 
 
 def peak_rss_bytes() -> int:
@@ -26,7 +26,7 @@ def peak_rss_bytes() -> int:
 
 def main(argv: list[str]) -> int:
     side, measure, settings_json, result_path = argv
-    skip_absent_tpu()  # before JAX starts its backends
+    backends.prepare()  # before JAX starts its backends
     if side not in SIDES:
         raise ValueError(f"side {side!r}: expected one of {', '.join(SIDES)}")
     settings = Settings.from_json(settings_json)

@@ -37,7 +37,7 @@ from scipy import ndimage
 import sdjax
 from sdjax.cli import OneLineParser
 from sdjax.data.shapes import BACKGROUNDS, COLORS, RGB, SHAPES, SIZE_FRACTION, SIZES, caption, make_example
-from sdjax.tpu_targets import skip_absent_tpu
+from sdjax import backends
 
 ATTRIBUTES = ("shape", "color", "size", "background")
 NONE = "none"  # the attribute value reported when no shape is found: it matches no prompt
@@ -399,7 +399,7 @@ def _check_args(args: argparse.Namespace) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    skip_absent_tpu()  # before JAX starts its backends
+    backends.prepare()  # before JAX starts its backends
     try:
         guidance = _check_args(args)
         if args.data_check is not None:

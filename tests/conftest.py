@@ -9,9 +9,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/builders.py
 # current jax and libtpu) collect the suite and skip only what needs the PyTorch reference.
 NO_TORCH = "the PyTorch reference is not installed (torch-free run)"
 
-from sdjax.tpu_targets import skip_absent_tpu  # noqa: E402
+from sdjax import backends  # noqa: E402
 
-skip_absent_tpu()  # the tests' own JAX, like the tools', stays off libtpu on a machine without TPUs
+backends.prepare()  # the tests' own JAX is set up as the tools' is (CPU kernels; off libtpu without TPUs)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -128,3 +128,17 @@ def test_isa_extensions_read_from_cpuinfo_flags():
     assert isa_extensions("fpu sse avx avx2 fma avx512f avx512bw amx_tile amx_bf16") == [
         "AVX2", "FMA", "AVX-512F", "AMX", "AMX-BF16"]
     assert isa_extensions("fpu sse sse2 avx") == []
+
+
+def test_each_cpu_isa_class_keeps_its_own_section(tmp_path):
+    from benchmarks.machine import section
+
+    assert section("cpu", {"avx2", "fma"}) == ("cpu-avx2", "CPU with AVX2, no AVX-512")
+    assert section("cpu", {"avx2", "avx512f"}) == ("cpu-avx512", "CPU with AVX-512, no AMX")
+    assert section("cpu", {"avx2", "avx512f", "amx_tile"}) == ("cpu-amx", "CPU with AMX")
+    assert section("gpu") == ("gpu", "GPU")
+    path = str(tmp_path / "B.md")
+    report.write(path, "cpu-avx512", "## CPU with AVX-512, no AMX\n\nwide\n")
+    report.write(path, "cpu-avx2", "## CPU with AVX2, no AVX-512\n\nnarrow\n")
+    text = open(path).read()
+    assert "wide" in text and "narrow" in text

@@ -1,0 +1,59 @@
+"""How JAX is set up before it starts its backends: called first by every command-line tool (train.py,
+sample.py, plan.py, the benchmark workers) and by the tests, because XLA reads its flags and JAX picks its
+platforms only once, when the first array is made.
+
+Two choices are made here:
+- `skip_absent_tpu` (sdjax.tpu_targets): libtpu installed without TPU chips -> JAX stays on the CPU, quietly.
+- `choose_cpu_kernels`: which library runs XLA:CPU's convolutions. jax 0.10 hands convolutions, dots and
+  reductions to YNNPACK. On CPUs without AVX-512 YNNPACK's convolutions are the slower kernels: on a 2-core
+  "AMD EPYC" with AVX2 + FMA only (2026-12-02, BENCHMARKS.md), SD 1.5's UNet forward (64^2 latents, batch 2)
+  took 22.2 s with them and 15.0-18.6 s with convolutions left to XLA's own (Eigen) kernels and dots still
+  in YNNPACK, against torch's 17.5 s; single 3x3 convolutions at 16x16 and 8x8 ran 2-4x faster. On the
+  AVX-512 machine of the 2026-11-22 table YNNPACK's were the faster ones (UNet 1.31x torch), so they stay
+  there. A user's own XLA_FLAGS setting of the flag always wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# YNNPACK for dots only (XLA's own default list in later versions): convolutions and reductions go to XLA's
+# own kernels.
+DOTS_ONLY = "individual_dot"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (the first "flags" line of /proc/cpuinfo); empty where
+    the file is absent (other systems)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == "flags":
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_cpu_kernels(environ: dict[str, str] | None = None, flags: set[str] | None = None) -> str | None:
+    """Adds YNN_FLAG=individual_dot to XLA_FLAGS in `environ` (default: os.environ) on an x86 CPU without
+    AVX-512 (see the module docstring), unless XLA_FLAGS already sets YNN_FLAG. Returns the flag added, or
+    None. Has an effect only before JAX starts its CPU backend."""
+    environ = os.environ if environ is None else environ
+    flags = cpu_flags() if flags is None else flags
+    current = environ.get("XLA_FLAGS", "")
+    if YNN_FLAG in current or "avx2" not in flags or "avx512f" in flags:
+        return None
+    added = f"{YNN_FLAG}={DOTS_ONLY}"
+    environ["XLA_FLAGS"] = f"{current} {added}".strip()
+    return added
+
+
+def prepare() -> None:
+    """Both choices above; call before anything creates a JAX array."""
+    from sdjax.tpu_targets import skip_absent_tpu
+
+    choose_cpu_kernels()
+    skip_absent_tpu()
