@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -286,11 +287,16 @@ def plan_largest_batch(plan_at: Callable[[int], dict[str, Any]], capacity_bytes:
     plans: dict[int, dict[str, Any]] = {}
 
     def bytes_at(b: int) -> int | None:
+        # Full-size TPU compiles take many minutes each on a small host: one progress line per batch tried.
         try:
             plans[b] = plan_at(b)
         except DoesNotFit:
+            print(f"find_batch: {b} per chip: refused by the compiler (over memory)", file=sys.stderr, flush=True)
             return None  # refused by the compiler: over the device's memory
-        return resident_bytes(plans[b], tpu)
+        found = resident_bytes(plans[b], tpu)
+        print(f"find_batch: {b} per chip: {found / GIB:.2f} GiB, compiled in {plans[b]['compile_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+        return found
 
     found = largest_fitting_batch(bytes_at, capacity_bytes)
     if found["batch_per_chip"] == 0 and 1 not in plans:

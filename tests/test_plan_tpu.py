@@ -101,6 +101,9 @@ def test_find_batch_under_a_small_cap(tmp_path, plans):
     assert b + 1 in found["refused"] or found["capacity_bytes"] < found["next_bytes"]
     assert report["sample"]["batch_size"] == 8 * b and report["sample"]["verdict"]["fits"]
     assert "largest sample batch per chip within" in result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.startswith("find_batch: ")]
+    assert len(progress) == len(found["compiled"]) + len(found["refused"]) >= 2, progress  # one line per compile
+    assert progress[0].startswith("find_batch: 1 per chip: ")
 
 
 @pytest.mark.parametrize("args,message", [
