@@ -18,6 +18,8 @@ from sdjax.adherence import (ATTRIBUTES, NONE, all_prompts, analyse, dataset_acc
 from cli_checks import assert_one_line_exit_2
 from sdjax.data.shapes import BACKGROUNDS, COLORS, RGB, SHAPES, SIZES, caption, make_example
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -9,6 +9,8 @@ import pytest
 from sdjax.models import attention
 from sdjax.models.layers import single_cpu_device
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 
 def _blocked(q, k, v, block):
     """The blocked kernel on (B, L, H, D) inputs, called directly so it is tested on any backend."""

@@ -5,7 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from sdjax.backends import DOTS_ONLY, YNN_FLAG, choose_cpu_kernels, cpu_flags
+
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
 
 AVX2 = {"sse2", "avx", "avx2", "fma"}
 

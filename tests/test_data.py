@@ -17,6 +17,8 @@ from sdjax.data.pipeline import default_data_config, image_preprocess, make_data
 from sdjax.data.prepare import main as prepare_main
 from sdjax.data.prepare import prepare
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 RES = 32
 MAX_LEN = 16
 BOS, EOS = 1, 2

@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import sdjax
 from sdjax import adherence
+
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_PROMPT = "a large green triangle on a white background"

@@ -16,6 +16,8 @@ from absl import flags
 
 from sdjax.cli import absl_flags_parser, define_config_file
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 

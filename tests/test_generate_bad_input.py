@@ -5,6 +5,8 @@ import pytest
 
 import sdjax
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 IMG = np.zeros((1, 32, 32, 3), np.float32)
 MASK = np.ones((1, 32, 32), np.float32)
 

@@ -15,6 +15,8 @@ from PIL import Image
 from sdjax.train.metrics_writer import (MetricWriter, crc32c, image_grid, masked_crc32c, tfrecord)
 from sdjax.train.progress import Progress
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 
 def _accumulator(logdir):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

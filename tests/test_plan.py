@@ -71,6 +71,7 @@ def test_plans_a_pretrained_folder_from_its_configs(tmp_path, checkpoints):
     ("data=2,model=4", "unknown mesh axis 'model' (known: data, fsdp, tensor)"),
     ("data8", "expected AXIS=SIZE"),
 ])
+@pytest.mark.compat
 def test_bad_mesh_is_one_line_error(mesh, message):
     result = _plan(*TINY, f"--mesh={mesh}")
     assert result.returncode == 2

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is not installed: pip install 'sdjax[tpu]'")
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = (f"--config={ROOT}/configs/tiny.py", "--config.batch_size=8", "--target=v5e-8")
 LIBTPU_NOISE = ("Failed to find host bounds", "unexpected worker hostname", "libtpu_lockfile")

@@ -20,6 +20,8 @@ from sdjax.pipeline import SamplingError, image_keys, initial_noise
 from sdjax.png_info import parse_parameters, read_parameters
 from sdjax.seeds import seed_key
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 
 @pytest.fixture
 def no_compile(monkeypatch):

@@ -18,6 +18,8 @@ import pytest
 from sdjax.models.attention import _full_attention, attention_fn, multi_head_attention, resolved_impl
 from sdjax.models.splash_attention import splash_attention
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

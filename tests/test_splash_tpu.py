@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is not installed: pip install 'sdjax[tpu]'")
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, batch, queries, keys, heads, head dim, causal)

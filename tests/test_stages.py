@@ -22,6 +22,7 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.compat
 def test_contrastive_loss_matches_reference_and_rewards_alignment():
     rng = np.random.default_rng(0)
     image, text = _unit(rng.normal(size=(6, 5))), _unit(rng.normal(size=(6, 5)))
@@ -45,6 +46,7 @@ def test_contrastive_loss_matches_reference_and_rewards_alignment():
     assert beyond == pytest.approx(at)
 
 
+@pytest.mark.compat
 def test_retrieval_accuracy_counts_top_one_matches():
     texts = ["a", "b", "c"]
     text_emb = np.eye(3)
@@ -56,6 +58,7 @@ def test_retrieval_accuracy_counts_top_one_matches():
     assert scores["text_to_image"] == pytest.approx(1.0)
 
 
+@pytest.mark.compat
 def test_psnr_kl_and_crops():
     target = np.zeros((2, 4, 4, 3), np.float32)
     noisy = target + np.float32(0.2)  # 0.1 on the [0, 1] scale: MSE 0.01 -> 20 dB

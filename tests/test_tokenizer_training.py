@@ -10,6 +10,8 @@ import pytest
 from sdjax.data.shapes import make_example
 from sdjax.tokenizer import load_tokenizer, pre_tokenize, tokenize, train_bpe, train_tokenizer
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 UNSEEN = [
     "a purple hexagon near 4 café ☃ zebras",
     "Two LARGE circles, it's 3:45pm!! naïve co-op <b>bold</b>",

@@ -11,6 +11,8 @@ import pytest
 from sdjax import tpu_targets
 from sdjax.find_batch import largest_fitting_batch
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

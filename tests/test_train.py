@@ -63,6 +63,7 @@ def _final(workdir):
     return unet
 
 
+@pytest.mark.compat
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     steps = ["--config.total_steps=12"]
     straight = tmp_path / "straight"

@@ -12,6 +12,8 @@ from sdjax.train.loop import TrainingError, export, refuse_non_finite, refuse_un
 from sdjax.train.optimizer import AdamWState
 from sdjax.train.step import TrainState
 
+pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
+
 NAN, INF = float("nan"), float("inf")
 
 

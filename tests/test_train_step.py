@@ -55,6 +55,7 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     assert diff.max() <= 2 * lr + 1e-6 and np.mean(diff > 1e-5) < 1e-3, (diff.max(), np.mean(diff > 1e-5))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_fused_adamw_matches_optax(clip):
     """The fused update equals optax.chain(clip_by_global_norm, adamw) and a plain EMA, steps with and
@@ -120,6 +121,7 @@ def _linear_run(learning_rate: float):
     return init_state(params, config, tx), jax.jit(make_step(objective, config, tx))
 
 
+@pytest.mark.compat
 def test_non_finite_learning_rate_skips_the_update():
     """A NaN learning rate leaves the loss and gradient finite; the update itself must be refused."""
     batch = {"x": jnp.ones((4, 3))}
@@ -133,6 +135,7 @@ def test_non_finite_learning_rate_skips_the_update():
         assert float(jnp.abs(after - before).min()) > 0
 
 
+@pytest.mark.compat
 def test_min_snr_weights_and_targets():
     abar = jnp.asarray(np.linspace(0.999, 0.001, 1000, dtype=np.float32))
     t = jnp.asarray([0, 500, 999])
@@ -149,6 +152,7 @@ def test_min_snr_weights_and_targets():
         prediction_target(x0, noise, t, abar, "x")
 
 
+@pytest.mark.compat
 def test_schedule_and_ema_decay():
     config = base_config()
     config.optimizer.warmup_steps = 10
@@ -164,6 +168,7 @@ def test_schedule_and_ema_decay():
     assert float(ema_decay(jnp.int32(10 ** 6), 0.999)) == pytest.approx(0.999)
 
 
+@pytest.mark.compat
 def test_unknown_keys_are_errors():
     config = base_config()
     config.unlock()
