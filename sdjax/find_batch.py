@@ -32,19 +32,22 @@ def largest_fitting_batch(bytes_at: Callable[[int], int | None], capacity: int, 
         best = 1
     else:
         slope = seen[2] - seen[1]
-        predicted = limit if slope <= 0 else min(limit, max(2, 1 + math.floor((capacity - seen[1]) / slope)))
         low, high = 2, None  # low fits; high (when known) does not
-        if fits(predicted):
-            low = predicted
-            step = 1
-            while low < limit:  # the line was short: probe upward, widening the step, to a batch that fails
-                probe = min(limit, low + step)
-                if not fits(probe):
-                    high = probe
-                    break
-                low, step = probe, step * 2
-        else:
-            high = predicted
+        # A flat start (the compiler packs a second row into the same buffers) predicts nothing: the probes
+        # then climb from 2, where jumping to the limit would compile the largest, slowest program first.
+        if slope > 0:
+            predicted = min(limit, max(2, 1 + math.floor((capacity - seen[1]) / slope)))
+            if fits(predicted):
+                low = predicted
+            else:
+                high = predicted
+        step = 1
+        while high is None and low < limit:  # the line was short: probe upward, widening the step, to a failure
+            probe = min(limit, low + step)
+            if not fits(probe):
+                high = probe
+                break
+            low, step = probe, step * 2
         while high is not None and high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
