@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         else:
             mesh = make_mesh(config.mesh)
         architecture, source = plan.choose_architecture(config.model, _ARCHITECTURE.value, config_path)
-        sd = plan.planning_model(config.model, architecture)
+        sd_model = plan.planning_model(config.model, architecture)
         report = {"config": config_path, "model": source, "mesh": plan.mesh_description(mesh),
                   "mesh_shape": dict(mesh.shape), "devices": mesh.size, "backend": jax.default_backend(),
                   "backend_note": plan.backend_note(), "device_memory_gb": memory_gb,
@@ -130,12 +130,12 @@ def main(argv: list[str]) -> int:
             report.update(backend="tpu", backend_note=plan.tpu_backend_note(mesh),
                           target=plan.target_facts(target))
         side = _SAMPLE_SIZE.value or config.data.resolution
-        sample = lambda batch: plan.plan_sampling(sd, mesh, config.mesh.rules, batch, side, _SAMPLE_STEPS.value,
-                                                  _GUIDANCE.value, _SCHEDULER.value)
+        sample = lambda batch: plan.plan_sampling(sd_model, mesh, config.mesh.rules, batch, side,
+                                                  _SAMPLE_STEPS.value, _GUIDANCE.value, _SCHEDULER.value)
         if _FIND_BATCH.value:  # per-chip batch b: b rows on each of the mesh's batch shards (per micro-batch)
             ways, capacity = batch_divisor(mesh, config.mesh.rules), int(memory_gb * plan.GIB)
             programs = {"train": lambda b: plan.plan_training(
-                            sd, plan.with_batch(config, b * ways * config.grad_accum_steps), mesh),
+                            sd_model, plan.with_batch(config, b * ways * config.grad_accum_steps), mesh),
                         "sample": lambda b: sample(b * ways)}
             for key, wanted in (("train", _TRAIN.value), ("sample", _SAMPLE.value)):
                 if wanted:
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
                         programs[key], capacity, tpu=target is not None)
         else:
             if _TRAIN.value:
-                report["train"] = plan.plan_training(sd, config, mesh)
+                report["train"] = plan.plan_training(sd_model, config, mesh)
             if _SAMPLE.value:
                 report["sample"] = sample(_SAMPLE_BATCH.value)
         plan.finish(report)

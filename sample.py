@@ -63,10 +63,11 @@ def main(argv: list[str]) -> int:
 
         model = args.model or sdjax.DEFAULT_MODEL
         sd = sdjax.load(model, dtype=getattr(jnp, args.dtype))
-        native = sd.unet.config.sample_size * sd.vae.config.downscale
+        unet, vae = sd.model.unet, sd.model.vae
+        native = unet.config.sample_size * vae.config.downscale
         jobs = job.expand_jobs(entries, flags, native_size=(native, native),
-                               default_scheduler=lambda: scheduler_name(sd.scheduler_config),
-                               inpainting_unet=sd.unet.config.in_channels != sd.vae.config.latent_channels)
+                               default_scheduler=lambda: scheduler_name(sd.model.scheduler_config),
+                               inpainting_unet=unet.config.in_channels != vae.config.latent_channels)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
         job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(model)))

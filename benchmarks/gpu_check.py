@@ -54,7 +54,7 @@ def _model_on(device, dtype):
     import sdjax
 
     sd = sdjax.load(sdjax.DEFAULT_MODEL, dtype=dtype, attention_impl="xla", to_device=False)
-    return dataclasses.replace(sd, params=jax.device_put(sd.params, device), programs={})
+    return dataclasses.replace(sd, params=jax.device_put(dict(sd.params), device))
 
 
 def _images(sd, steps: int):

@@ -15,6 +15,7 @@ import sdjax
 from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inputs
 from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
+from sdjax.conditioning import abstract_ids, encode_text, unet_call
 from sdjax.convert.diffusers import COMPONENTS, load_component
 from sdjax.flops import measured_peak_flops, traced_flops
 from sdjax.host_memory import release_freed_heap
@@ -38,8 +39,8 @@ def _pipeline(s: Settings, param_dtype: str | None = None) -> sdjax.StableDiffus
     """All three networks, computing in the sdjax dtype and storing in `param_dtype` (default: the same)."""
     dtype = jnp.dtype(s.sdjax_dtype)
     sd = sdjax.load(s.folder, dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype), attention_impl=s.attention)
-    sd.vae = sd.vae.clone(attention_impl=s.attention_of("vae"))
-    return sd
+    model = sd.model.with_networks(vae=sd.model.vae.clone(attention_impl=s.attention_of("vae")))
+    return sdjax.StableDiffusion(model, sd.params)
 
 
 def _time_compiled(compiled: Callable, args: tuple, s: Settings) -> list[float]:
@@ -75,19 +76,19 @@ def _sampler(s: Settings) -> tuple[sdjax.StableDiffusion, Callable[[], Any]]:
 
 
 def sampling_flops(sd: sdjax.StableDiffusion, s: Settings) -> float:
-    """FLOPs of one generate call: text encoder (prompt, negative) + steps x UNet on the guided batch + VAE
-    decode. Counted from separately lowered pieces: XLA counts the sampling loop's body only once."""
+    """FLOPs of one generate call: text conditioning (prompt, negative) + steps x UNet on the guided batch +
+    VAE decode. Counted from separately lowered pieces: XLA counts the sampling loop's body only once."""
+    model, params = sd.model, dict(sd.params)
     guided = 2 if s.guidance > 1 else 1
-    n, side, tokens = s.batch, s.latent_side, sd.text_encoder.config.max_position_embeddings
-    unet_cfg = sd.unet.config
-    text = traced_flops(lambda p, ids: sd.text_encoder.apply({"params": p}, ids), sd.params["text_encoder"],
-                        jax.ShapeDtypeStruct((n, tokens), jnp.int32))
-    step = traced_flops(lambda p, x, t, c: sd.unet.apply({"params": p}, x, t, c), sd.params["unet"],
-                        jax.ShapeDtypeStruct((guided * n, side, side, unet_cfg.in_channels), jnp.float32),
-                        jax.ShapeDtypeStruct((guided * n,), jnp.int32),
-                        jax.ShapeDtypeStruct((guided * n, tokens, unet_cfg.cross_attention_dim), sd.unet.dtype))
-    decode = traced_flops(lambda p, z: sd.vae.apply({"params": p}, z, method="decode"), sd.params["vae"],
-                          jax.ShapeDtypeStruct((n, side, side, sd.vae.config.latent_channels), jnp.float32))
+    n, side = s.batch, s.latent_side
+    ids = abstract_ids(model, n)
+    text = traced_flops(lambda p, ids: encode_text(model, p, ids), params, ids)
+    cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, guided * n))
+    step = traced_flops(lambda p, x, t, c: unet_call(model, p)(x, t, c), params,
+                        jax.ShapeDtypeStruct((guided * n, side, side, model.unet.config.in_channels), jnp.float32),
+                        jax.ShapeDtypeStruct((guided * n,), jnp.int32), cond)
+    decode = traced_flops(lambda p, z: model.vae.apply({"params": p}, z, method="decode"), params["vae"],
+                          jax.ShapeDtypeStruct((n, side, side, model.vae.config.latent_channels), jnp.float32))
     return guided * text + s.steps * step + decode
 
 
@@ -110,12 +111,14 @@ def train(s: Settings) -> dict:
     config.model.dtype = s.sdjax_dtype
     config.optimizer.warmup_steps = 0
     sd = _pipeline(s, param_dtype="float32")
+    model = sd.model
     tx = make_optimizer(config.optimizer, config.total_steps)
     # Donated, so the state takes over the loaded buffers instead of holding a second copy of the model.
-    state = jax.jit(lambda params: init_state(params, config, tx), donate_argnums=0)(sd.params)
-    sd.params = {}
-    batch = {"pixels": jnp.asarray(training_pixels(s)), "input_ids": jnp.asarray(sd.tokenize([PROMPT] * s.batch))}
-    train_step = make_train_step(sd, config, tx)
+    state = jax.jit(lambda params: init_state(params, ("unet",), config, tx), donate_argnums=0)(dict(sd.params))
+    del sd
+    batch = {"pixels": jnp.asarray(training_pixels(s)),
+             **{key: jnp.asarray(ids) for key, ids in model.tokenize([PROMPT] * s.batch).items()}}
+    train_step = make_train_step(model, config, tx)
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
     release_freed_heap()  # as train.py does
     flops = traced_flops(train_step, state, batch)

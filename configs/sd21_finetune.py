@@ -6,22 +6,17 @@
 `:tiny` gives the CPU variant.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import sd15_finetune  # noqa: E402  (the shared fine-tuning recipe)
+from sdjax.train.recipes import finetune_config, finetune_sweep, shrink_for_cpu
 
 
 def get_config(arg: str | None = None):
-    c = sd15_finetune.get_config()
+    c = finetune_config()
     c.data.resolution = 768
     c.batch_size = 16
     c.log.preview_steps = 25
     if arg == "tiny":
-        sd15_finetune.shrink_for_cpu(c)
+        shrink_for_cpu(c)
     return c
 
 
-sweep = sd15_finetune.sweep
+sweep = finetune_sweep

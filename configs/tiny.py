@@ -4,16 +4,11 @@
     python train.py --config configs/tiny.py --workdir runs/tiny
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import small_scratch  # noqa: E402
+from sdjax.train.recipes import scratch_config
 
 
 def get_config(arg: str | None = None):
-    c = small_scratch.get_config("tiny")
+    c = scratch_config(tiny=True)
     c.total_steps = 60
     c.data.shapes.num_examples = 256
     c.data.shapes.num_test_examples = 16

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+import weakref
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.conditioning import encode_text, unet_call
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
 
@@ -57,12 +59,13 @@ def initial_noise(seeds: Sequence[int], latent_shape: tuple[int, int, int], name
     return np.asarray(per_image_normal(stream(image_keys(seeds), name), latent_shape))
 
 
-def guided(unet_fn: Callable, cond: jax.Array, uncond: jax.Array | None, guidance_scale: jax.Array,
+def guided(unet_fn: Callable, cond: Any, uncond: Any | None, guidance_scale: jax.Array,
            guidance_rescale: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """model_fn(x, t) with classifier-free guidance: one UNet call on [uncond; cond]."""
+    """model_fn(x, t) with classifier-free guidance: one UNet call on [uncond; cond]. `cond` and
+    `uncond` are the UNet's conditioning (a Conditioning, or any pytree of per-image arrays)."""
     if uncond is None:
         return lambda x, t: unet_fn(x, t, cond)
-    context = jnp.concatenate([uncond, cond])
+    context = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
 
     def model_fn(x, t):
         out_uncond, out_cond = jnp.split(unet_fn(jnp.concatenate([x, x]), t, context), 2)
@@ -103,9 +106,9 @@ def noise_coefficients(sched: Scheduler) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a, np.float32), np.asarray(b, np.float32)
 
 
-def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
+def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
     """The jitted sampling program for one Plan."""
-    text_encoder, unet, vae = sd.text_encoder, sd.unet, sd.vae
+    unet, vae = model.unet, model.vae
     scale = vae.config.scaling_factor
     conditioned_unet = unet.config.in_channels > vae.config.latent_channels  # 9-channel inpainting UNet
 
@@ -116,8 +119,8 @@ def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
         return (mean + jnp.exp(0.5 * logvar) * eps) * scale
 
     def program(params, ids, neg_ids, keys, guidance_scale, noise, init_images, masks):
-        cond = text_encoder.apply({"params": params["text_encoder"]}, ids)[0]
-        uncond = text_encoder.apply({"params": params["text_encoder"]}, neg_ids)[0] if plan.guided else None
+        cond = encode_text(model, params, ids)
+        uncond = encode_text(model, params, neg_ids) if plan.guided else None
         extra = None
         if plan.mode == "inpaint":
             keep = (masks < 0.5).astype(init_images.dtype)[..., None]
@@ -126,10 +129,12 @@ def build_program(sd, plan: Plan, sched: Scheduler) -> Callable:
                 masked = encode(params, (init_images * 2 - 1) * keep, keys, "masked_posterior")
                 extra = jnp.concatenate([latent_mask, masked], axis=-1)
 
-        def unet_fn(x, t, ctx):
+        call = unet_call(model, params)
+
+        def unet_fn(x, t, cond):
             if extra is not None:  # the doubled CFG batch gets the same mask channels twice
                 x = jnp.concatenate([x, jnp.tile(extra, (x.shape[0] // extra.shape[0], 1, 1, 1))], axis=-1)
-            return unet.apply({"params": params["unet"]}, x, t, ctx)
+            return call(x, t, cond)
 
         model_fn = guided(unet_fn, cond, uncond, guidance_scale, plan.guidance_rescale)
         post_step = None
@@ -168,12 +173,48 @@ def _check_images(name: str, value: np.ndarray | None, shape: tuple[int, ...], w
     return value
 
 
-def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, num_steps: int = 50,
-             guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
-             scheduler_options: dict[str, Any] | None = None, height: int | None = None, width: int | None = None,
-             seed: int | Sequence[int] = 0, latents: np.ndarray | None = None, init_image: np.ndarray | None = None,
-             strength: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
-    """Images (N, H, W, 3) float32 in [0, 1] for N prompts. See StableDiffusion.generate."""
+# Compiled sampling programs by Model (dropped with it), then by what they are specialised to.
+_PROGRAMS: "weakref.WeakKeyDictionary[Any, dict[tuple, Callable]]" = weakref.WeakKeyDictionary()
+
+
+def program_for(model, plan: Plan, sched: Scheduler, mesh: Any = None, rules: Any = None) -> Callable:
+    """The compiled sampling program of `model` for `plan` (under `mesh`/`rules`), built once and cached."""
+    programs = _PROGRAMS.setdefault(model, {})
+    key = (plan, mesh, rules)
+    if key not in programs:
+        programs[key] = build_program(model, plan, sched)
+    return programs[key]
+
+
+def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+             *, num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+             scheduler: str | None = None, scheduler_options: dict[str, Any] | None = None, height: int | None = None,
+             width: int | None = None, seed: int | Sequence[int] = 0, latents: np.ndarray | None = None,
+             init_image: np.ndarray | None = None, strength: float | None = None, mask: np.ndarray | None = None,
+             mesh: Any = None, rules: Any = None) -> np.ndarray:
+    """Images (N, H, W, 3) float32 in [0, 1], one per prompt, from `model` (a sdjax.Model) with `params`.
+    Raises ValueError for bad arguments (before any compute) and SamplingError if an image comes out
+    non-finite.
+
+    Args:
+      prompts / negative_prompts: one negative per prompt (default: the empty prompt).
+      num_steps: scheduler steps; guidance_scale <= 1 skips the unconditional pass.
+      guidance_rescale: Lin et al. 2023 rescaling (0 = off).
+      scheduler: a name from sdjax.schedulers.SCHEDULERS; default: the checkpoint's own.
+      scheduler_options: family options, e.g. {"eta": 0.5} for DDIM.
+      height / width: multiples of 8; default: the UNet's sample_size x the VAE factor.
+      seed: image i uses seed + i (or give one seed per image), integers in [0, 2**64); an
+        image's result does not depend on the other images in the batch.
+      latents: initial noise (N, H/8, W/8, 4), NHWC, instead of the seeded draw.
+      init_image: img2img / inpainting source (N, H, W, 3) in [0, 1].
+      strength: in (0, 1], how much of the schedule is run from the noised init_image
+        (default 0.8 for img2img; 1.0 for inpainting, which then starts from pure noise).
+      mask: inpainting mask (N, H, W) or (N, H, W, 1), binarised at 0.5: 1 = repaint, 0 = keep.
+        A regular UNet blends the kept region back after every step; a 9-channel inpainting
+        UNet gets the mask and the masked image's latents as extra input channels.
+      mesh / rules: run with the image batch split over the mesh's batch axes (its size must divide
+        the batch), `params` placed on it as StableDiffusion.shard places them.
+    """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts: empty list; give at least one prompt")
@@ -189,8 +230,8 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
             raise ValueError(f"{name} must be a finite number, got {value}")
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    factor = sd.vae.config.downscale
-    default_side = sd.unet.config.sample_size * factor
+    factor = model.vae.config.downscale
+    default_side = model.unet.config.sample_size * factor
     height, width = height or default_side, width or default_side
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
@@ -200,19 +241,19 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
         raise ValueError(f"seed: {len(seeds)} seeds given for {n} prompts")
     if max(seeds) >= SEED_LIMIT:
         raise ValueError(f"seed {seed} + {n - 1} images is out of range: seeds are integers in [0, 2**64)")
-    latent_shape = (height // factor, width // factor, sd.vae.config.latent_channels)
+    latent_shape = (height // factor, width // factor, model.vae.config.latent_channels)
 
     mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
     if mode == "inpaint" and init_image is None:
         raise ValueError("mask given without init_image; inpainting needs both")
-    if sd.unet.config.in_channels != latent_shape[-1] and mode != "inpaint":
-        raise ValueError(f"this UNet takes {sd.unet.config.in_channels} input channels (an inpainting model); "
+    if model.unet.config.in_channels != latent_shape[-1] and mode != "inpaint":
+        raise ValueError(f"this UNet takes {model.unet.config.in_channels} input channels (an inpainting model); "
                          "give init_image and mask")
     init_image = _check_images("init_image", init_image, (n, height, width, 3), "N, height, width, RGB in [0, 1]")
     if mask is not None and np.ndim(mask) == 4 and np.shape(mask)[-1] == 1:
         mask = np.asarray(mask)[..., 0]
     mask = _check_images("mask", mask, (n, height, width), "N, height, width; 1 = repaint, 0 = keep")
-    sched = make_scheduler(scheduler, sd.scheduler_config, num_steps, **(scheduler_options or {}))
+    sched = make_scheduler(scheduler, model.scheduler_config, num_steps, **(scheduler_options or {}))
     start = 0
     if mode != "txt2img":
         strength = (1.0 if mode == "inpaint" else 0.8) if strength is None else strength
@@ -229,24 +270,27 @@ def generate(sd, prompts: Sequence[str], negative_prompts: Sequence[str] | None 
 
     plan = Plan(scheduler or "", num_steps, tuple(sorted((scheduler_options or {}).items())), n,
                 latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, mode)
-    program = sd.programs.get(plan)
-    if program is None:
-        program = sd.programs[plan] = build_program(sd, plan, sched)
-    per_image = [sd.tokenize(prompts), sd.tokenize(negative_prompts), image_keys(seeds),
+    if mesh is not None and rules is None:
+        from sdjax.parallel import DEFAULT_RULES
+
+        rules = tuple(DEFAULT_RULES)
+    program = program_for(model, plan, sched, mesh, rules)
+    per_image = [model.tokenize(prompts), model.tokenize(negative_prompts), image_keys(seeds),
                  np.asarray(latents, np.float32), init_image, mask]
+    params = dict(params)
     from sdjax.parallel import activate, batch_divisor, batch_sharding, to_host
 
-    if sd.mesh is None:
-        return _finite(to_host(program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])),
+    if mesh is None:
+        return _finite(to_host(program(params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])),
                        seeds)
 
-    ways = batch_divisor(sd.mesh, sd.rules)
+    ways = batch_divisor(mesh, rules)
     if n % ways:
         raise ValueError(f"{n} images cannot be split evenly over the {ways} ways the mesh splits the batch")
-    per_image = [None if x is None else jax.device_put(x, batch_sharding(sd.mesh, sd.rules, x.ndim))
+    per_image = [jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)), x)
                  for x in per_image]
-    with activate(sd.mesh, sd.rules):
-        images = program(sd.params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
+    with activate(mesh, rules):
+        images = program(params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
     return _finite(to_host(images), seeds)
 
 

@@ -12,7 +12,6 @@ CPU's, which approximate TPU/GPU (other fusion, layouts and rematerialisation de
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdjax.convert.diffusers import COMPONENTS, read_component_config, read_json, read_model_index
+from sdjax.conditioning import abstract_ids, encode_text, unet_call
+from sdjax.convert.diffusers import COMPONENTS, model_components, read_component_config, read_json, read_model_index
 from sdjax.find_batch import largest_fitting_batch
 from sdjax.flops import compiled_cost, compiled_flops, traced_flops
 from sdjax.hlo_collectives import KINDS, collectives, custom_calls
@@ -33,7 +33,7 @@ from sdjax.models.attention import resolved_impl
 from sdjax.models.params import abstract_params, logical_axes
 from sdjax.models.presets import PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
-from sdjax.stable_diffusion import StableDiffusion
+from sdjax.stable_diffusion import Model
 from sdjax.train.build import SD_SCHEDULE, assemble, text_config
 
 GIB = 2 ** 30
@@ -82,16 +82,17 @@ def choose_architecture(model: ml_collections.ConfigDict, flag: str | None, conf
                      f"pass --architecture, one of {', '.join(PRESETS)}")
 
 
-def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -> StableDiffusion:
-    """The run's networks without parameters (`params` stays empty), configured as build_model would
-    (compute dtype, float32 parameters, remat, prediction type); `tokenizer` is None.
+def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -> Model:
+    """The run's Model, configured as build_model would (compute dtype, float32 parameters, remat,
+    prediction type), without tokenizers (planning tokenizes nothing).
 
     A preset keeps its own text vocabulary (a real checkpoint's, e.g. 49408 for sd15); the
     from-scratch presets, which have none, take the run's tokenizer's as training does.
     """
     if architecture is None:
-        read_model_index(model.pretrained)  # a clear error for a folder that is not a checkpoint
-        configs = {name: read_component_config(model.pretrained, name) for name in COMPONENTS}
+        index = read_model_index(model.pretrained)  # a clear error for a folder that is not a checkpoint
+        configs = {name: read_component_config(model.pretrained, name) for name in model_components(index)
+                   if name in COMPONENTS}
         scheduler_config = read_json(os.path.join(model.pretrained, "scheduler", "scheduler_config.json"))
     else:
         raw = preset(architecture)
@@ -104,7 +105,7 @@ def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -
                 tokenizer = load_tokenizer(model.tokenizer) if model.tokenizer else write_bpe_tokenizer(folder)
             configs["text_encoder"] = text_config(raw, tokenizer)
         scheduler_config = dict(SD_SCHEDULE)
-    return assemble(configs, model, tokenizer=None, scheduler_config=scheduler_config, model_index={})
+    return assemble(configs, model, tokenizers={}, scheduler_config=scheduler_config, model_index={})
 
 
 def device_bytes(abstract: Any, shardings: Any) -> int:
@@ -171,30 +172,31 @@ def _compile(fn: Any, args: tuple, mesh: Mesh, rules: Any, what: str) -> tuple[A
     return compiled, time.perf_counter() - start
 
 
-def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
     """Compiles the run's train step (full global batch, config dtype / remat / accumulation) for `mesh`
     with abstract inputs; returns its per-device memory, state bytes and FLOPs."""
     from sdjax.train.optimizer import make_optimizer
     from sdjax.train.placement import replicated, state_shardings
     from sdjax.train.step import make_train_step
+    from sdjax.train.tasks import unet as unet_task
 
     from sdjax.train.loop import check_batch
 
     rules = config.mesh.rules
     check_batch(config, mesh)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(sd.networks, config, tx, mesh)
-    side, length = config.data.resolution, sd.text_encoder.config.max_position_embeddings
+    abstract, shardings = state_shardings(dict(model.networks), unet_task.trained(config), config, tx, mesh)
+    side = config.data.resolution
     images = lambda shape: jax.ShapeDtypeStruct((config.batch_size,) + shape, jnp.float32,
                                                 sharding=batch_sharding(mesh, rules, 4))
     if config.data.cache_latents:  # the step reads the cached posteriors and runs no encoder
-        side_latent, channels = side // sd.vae.config.downscale, sd.vae.config.latent_channels
+        side_latent, channels = side // model.vae.config.downscale, model.vae.config.latent_channels
         batch = {name: images((side_latent, side_latent, channels)) for name in ("latent_mean", "latent_logvar")}
     else:
         batch = {"pixels": images((side, side, 3))}
-    batch["input_ids"] = jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32,
-                                              sharding=batch_sharding(mesh, rules, 2))
-    step = jax.jit(make_train_step(sd, config, tx, shardings.params), donate_argnums=0,
+    batch.update({key: jax.ShapeDtypeStruct(ids.shape, ids.dtype, sharding=batch_sharding(mesh, rules, 2))
+                  for key, ids in abstract_ids(model, config.batch_size).items()})
+    step = jax.jit(make_train_step(model, config, tx, shardings.params), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)))
     compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules,
                                  f"the train step (batch {config.batch_size})")
@@ -210,7 +212,7 @@ def plan_training(sd: StableDiffusion, config: ml_collections.ConfigDict, mesh: 
             "compile_seconds": seconds, **compiled_analysis(compiled)}
 
 
-def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size: int, steps: int,
+def plan_sampling(model: Model, mesh: Mesh, rules: Any, batch: int, size: int, steps: int,
                   guidance_scale: float = 7.5, scheduler: str | None = None) -> dict[str, Any]:
     """Compiles the txt2img sampling program (batch images of size x size, `steps` scheduler steps,
     classifier-free guidance when guidance_scale > 1) with parameters stored in the compute dtype, as
@@ -226,11 +228,9 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
         raise ValueError(f"sampling size must be a positive multiple of 8, got {size}")
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
-    dtype = sd.unet.dtype
-    view = dataclasses.replace(sd, text_encoder=sd.text_encoder.clone(param_dtype=dtype),
-                               vae=sd.vae.clone(param_dtype=dtype), unet=sd.unet.clone(param_dtype=dtype),
-                               params={}, programs={})
-    modules = {"text_encoder": view.text_encoder, "vae": view.vae, "unet": view.unet}
+    dtype = model.unet.dtype
+    view = model.map_networks(param_dtype=dtype)
+    modules = view.networks
     abstract = {n: abstract_params(m) for n, m in modules.items()}
     shardings = {n: param_shardings(logical_axes(m), abstract[n], mesh, rules) for n, m in modules.items()}
     sched = make_scheduler(scheduler, view.scheduler_config, steps)
@@ -238,7 +238,8 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
     latent = (size // factor, size // factor, view.vae.config.latent_channels)
     plan = Plan(scheduler or "", steps, (), batch, latent[:2], guidance_scale > 1, 0.0, 0, "txt2img")
     rows = lambda ndim: batch_sharding(mesh, rules, ndim)
-    ids = jax.ShapeDtypeStruct((batch, view.text_encoder.config.max_position_embeddings), jnp.int32, sharding=rows(2))
+    ids = {key: jax.ShapeDtypeStruct(ids.shape, ids.dtype, sharding=rows(2))
+           for key, ids in abstract_ids(view, batch).items()}
     key_type = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
     keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype, sharding=rows(1))
     scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
@@ -257,19 +258,19 @@ def plan_sampling(sd: StableDiffusion, mesh: Mesh, rules: Any, batch: int, size:
             "compile_seconds": seconds, **compiled_analysis(compiled)}
 
 
-def model_call_flops(sd: StableDiffusion, batch: int, latent: tuple[int, int, int], guidance_scale: float) -> float:
+def model_call_flops(model: Model, batch: int, latent: tuple[int, int, int], guidance_scale: float) -> float:
     """FLOPs (all devices) of one denoising step's model call, guided as the sampler guides it, from the
     cost analysis of the unpartitioned lowering (cheap: nothing is compiled; see traced_flops)."""
     from sdjax.pipeline import guided
 
     def call(params, x, t, cond, uncond, scale):
-        unet_fn = lambda x, t, ctx: sd.unet.apply({"params": params}, x, t, ctx)
+        unet_fn = unet_call(model, {"unet": params})
         return guided(unet_fn, cond, uncond if guidance_scale > 1 else None, scale, 0.0)(x, t)
 
-    context = jax.ShapeDtypeStruct((batch, sd.text_encoder.config.max_position_embeddings,
-                                    sd.unet.config.cross_attention_dim), sd.unet.dtype)
-    args = (abstract_params(sd.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.int32), context, context, jax.ShapeDtypeStruct((), jnp.float32))
+    text_params = {enc.encoder: abstract_params(model.networks[enc.encoder]) for enc in model.text}
+    cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), text_params, abstract_ids(model, batch))
+    args = (abstract_params(model.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32), cond, cond, jax.ShapeDtypeStruct((), jnp.float32))
     return traced_flops(call, *args)
 
 

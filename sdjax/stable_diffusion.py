@@ -1,108 +1,139 @@
-"""`sdjax.load`: one object holding a Stable Diffusion checkpoint's tokenizer, networks and parameters."""
+"""A Stable Diffusion checkpoint as data: `Model` describes it (networks, tokenizers, scheduler config),
+its parameters are a separate pytree, and `StableDiffusion` pairs the two for convenience.
+
+    model, params = sd.model, sd.params            # what sdjax.load returns, taken apart
+    images = sdjax.generate(model, params, prompts)   # the functional form of sd.generate(prompts)
+
+All three are immutable: sharding, remat or a different dtype give a new object. Compiled sampling
+programs are cached by sdjax.pipeline, keyed by the Model and what they are specialised to.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import types
+from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.convert.diffusers import (COMPONENTS, load_component, read_json, read_model_index, save_pipeline)
-from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
-from sdjax.tokenizer import load_tokenizer, tokenize
+from sdjax.conditioning import TextEncoding, text_encodings, tokenizer_fn
+from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_json, read_model_index,
+                                     save_pipeline)
+from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
+from sdjax.tokenizer import load_tokenizer
+
+_MAPPINGS = ("networks", "tokenizers", "scheduler_config", "model_index")
 
 
-@dataclasses.dataclass
-class StableDiffusion:
-    """A loaded checkpoint. `params` maps "text_encoder" / "vae" / "unet" to plain parameter pytrees."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """What a checkpoint is, without its weights. `networks` and `tokenizers` are keyed by the folder's
+    component names (text_encoder, unet, vae; tokenizer). Equality is identity: a Model keys caches."""
 
-    tokenizer: Any
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    params: dict[str, Any]
-    scheduler_config: dict[str, Any]
-    model_index: dict[str, Any]
-    programs: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled samplers by Plan
-    mesh: Any = None     # set by `shard`: sampling then runs with the image batch split over the mesh
-    rules: Any = None
+    networks: Mapping[str, nn.Module]
+    tokenizers: Mapping[str, Any]
+    scheduler_config: Mapping[str, Any]
+    model_index: Mapping[str, Any]
+
+    def __post_init__(self):
+        for name in _MAPPINGS:  # read-only views of private copies
+            object.__setattr__(self, name, types.MappingProxyType(dict(getattr(self, name))))
 
     @property
-    def networks(self) -> dict[str, Any]:
-        """The three Flax modules, by component name (the keys of `params`)."""
-        return {"text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet}
+    def unet(self) -> nn.Module:
+        return self.networks["unet"]
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.networks["vae"]
+
+    @property
+    def text(self) -> tuple[TextEncoding, ...]:
+        """The (tokenizer, text encoder) pairs the conditioning is made from (sdjax.conditioning)."""
+        return text_encodings(tuple(self.networks))
 
     @property
     def configs(self) -> dict[str, Any]:
         """The typed model configs, by component name."""
         return {name: module.config for name, module in self.networks.items()}
 
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> int32 ids (N, max_position_embeddings), padded with the checkpoint's pad token."""
-        return tokenize(self.tokenizer, prompts, self.text_encoder.config.max_position_embeddings)
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Prompts -> {batch key: int32 ids (N, L)}, one entry per tokenizer (see sdjax.conditioning)."""
+        return tokenizer_fn(self)(prompts)
 
-    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, *, num_steps: int = 50,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str | None = None,
-                 scheduler_options: dict[str, Any] | None = None, height: int | None = None,
-                 width: int | None = None, seed: int | list[int] = 0, latents: np.ndarray | None = None,
-                 init_image: np.ndarray | None = None, strength: float | None = None,
-                 mask: np.ndarray | None = None) -> np.ndarray:
-        """Images (N, H, W, 3) float32 in [0, 1], one per prompt. Raises ValueError for bad arguments
-        (before any compute) and sdjax.pipeline.SamplingError if an image comes out non-finite.
+    def replace(self, **changes: Any) -> "Model":
+        """A new Model with some fields changed, e.g. `scheduler_config=...`."""
+        return dataclasses.replace(self, **changes)
 
-        Args:
-          prompts / negative_prompts: one negative per prompt (default: the empty prompt).
-          num_steps: scheduler steps; guidance_scale <= 1 skips the unconditional pass.
-          guidance_rescale: Lin et al. 2023 rescaling (0 = off).
-          scheduler: a name from sdjax.schedulers.SCHEDULERS; default: the checkpoint's own.
-          scheduler_options: family options, e.g. {"eta": 0.5} for DDIM.
-          height / width: multiples of 8; default: the UNet's sample_size x the VAE factor.
-          seed: image i uses seed + i (or give one seed per image), integers in [0, 2**64); an
-            image's result does not depend on the other images in the batch.
-          latents: initial noise (N, H/8, W/8, 4), NHWC, instead of the seeded draw.
-          init_image: img2img / inpainting source (N, H, W, 3) in [0, 1].
-          strength: in (0, 1], how much of the schedule is run from the noised init_image
-            (default 0.8 for img2img; 1.0 for inpainting, which then starts from pure noise).
-          mask: inpainting mask (N, H, W) or (N, H, W, 1), binarised at 0.5: 1 = repaint, 0 = keep.
-            A regular UNet blends the kept region back after every step; a 9-channel inpainting
-            UNet gets the mask and the masked image's latents as extra input channels.
-        """
+    def with_networks(self, **modules: nn.Module) -> "Model":
+        """A new Model with some networks replaced, e.g. `unet=model.unet.clone(remat=True)`."""
+        unknown = sorted(set(modules) - set(self.networks))
+        if unknown:
+            raise ValueError(f"with_networks: no network named {', '.join(unknown)} (has {', '.join(self.networks)})")
+        return self.replace(networks={**self.networks, **modules})
+
+    def map_networks(self, **options: Any) -> "Model":
+        """A new Model with every network cloned with `options`, e.g. `param_dtype=jnp.bfloat16`."""
+        return self.replace(networks={name: module.clone(**options) for name, module in self.networks.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion:
+    """A Model with its parameters (`params[name]` is the pytree of `model.networks[name]`) and, once
+    `shard` placed them, the mesh and logical-axis rules that sampling then runs under."""
+
+    model: Model
+    params: Mapping[str, Any]
+    mesh: Any = None
+    rules: Any = None
+
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """See Model.tokenize."""
+        return self.model.tokenize(prompts)
+
+    def generate(self, prompts: list[str], negative_prompts: list[str] | None = None, **options: Any) -> np.ndarray:
+        """Images (N, H, W, 3) float32 in [0, 1], one per prompt; options as sdjax.pipeline.generate."""
         from sdjax.pipeline import generate
 
-        return generate(self, prompts, negative_prompts, num_steps=num_steps, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, scheduler=scheduler,
-                        scheduler_options=scheduler_options, height=height, width=width, seed=seed,
-                        latents=latents, init_image=init_image, strength=strength, mask=mask)
+        return generate(self.model, self.params, prompts, negative_prompts, mesh=self.mesh, rules=self.rules,
+                        **options)
 
     def shard(self, mesh: Any, rules: Any = None) -> "StableDiffusion":
-        """Places the parameters on `mesh` by logical-axis rules (default sdjax.parallel.DEFAULT_RULES);
-        `generate` then splits each image batch over the batch axes (its size must divide evenly)."""
+        """A new StableDiffusion with the parameters placed on `mesh` by logical-axis rules (default
+        sdjax.parallel.DEFAULT_RULES); its `generate` splits each image batch over the batch axes
+        (their size must divide it)."""
         from sdjax.models.params import place_params
         from sdjax.parallel import DEFAULT_RULES, check_rules
 
         rules = tuple(DEFAULT_RULES if rules is None else rules)
         check_rules(rules)
-        self.params = {n: place_params(p, self.networks[n], mesh, rules) for n, p in self.params.items()}
-        self.mesh, self.rules = mesh, rules
-        self.programs.clear()
-        return self
+        networks = self.model.networks
+        params = {n: place_params(p, networks[n], mesh, rules) for n, p in self.params.items()}
+        return dataclasses.replace(self, params=params, mesh=mesh, rules=rules)
 
     def save(self, folder: str, dtype: Any = None) -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`."""
-        params = jax.tree.map(np.asarray, self.params)
-        save_pipeline(folder, configs=self.configs, params=params, tokenizer=self.tokenizer,
-                      scheduler_config=self.scheduler_config, model_index=self.model_index, dtype=dtype)
+        save(self.model, self.params, folder, dtype)
+
+
+def save(model: Model, params: Mapping[str, Any], folder: str, dtype: Any = None) -> None:
+    """Writes `model` with `params` as a new diffusers folder; `dtype` (e.g. np.float16) casts float weights."""
+    save_pipeline(folder, configs=model.configs, params=jax.tree.map(np.asarray, dict(params)),
+                  tokenizers=dict(model.tokenizers), scheduler_config=dict(model.scheduler_config),
+                  model_index=dict(model.model_index), dtype=dtype)
 
 
 def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "auto",
          variant: str | None = None, allow_pickle: bool = False, to_device: bool = True) -> StableDiffusion:
-    """Loads a Stable Diffusion 1.x/2.x checkpoint from a diffusers folder.
+    """Loads a Stable Diffusion checkpoint from a diffusers folder: the components its model_index.json names.
 
     Args:
-      path: folder with model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
+      path: folder with model_index.json and a sub-folder per component (text_encoder/, tokenizer/, unet/,
+        vae/, scheduler/ for SD 1.x/2.x).
       dtype: compute dtype of the networks (e.g. jnp.bfloat16 on TPU/GPU).
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
       attention_impl: "auto" (the Pallas kernel on TPU, "xla" elsewhere), "xla", "dot", "cudnn" or
@@ -114,20 +145,20 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
     path = os.fspath(path)
     model_index = read_model_index(path)
     param_dtype = param_dtype or dtype
-    configs, params = {}, {}
+    options = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     place = jnp.asarray if to_device else None
-    for name in COMPONENTS:
-        configs[name], params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
-                                                     allow_pickle=allow_pickle, place=place)
-    modules = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
+    networks, params, tokenizers = {}, {}, {}
+    for name in model_components(model_index):
+        if name in COMPONENTS:
+            config, params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
+                                                  allow_pickle=allow_pickle, place=place)
+            networks[name] = COMPONENTS[name].module_cls(config, **options)
+        elif name.startswith("tokenizer"):
+            tokenizers[name] = load_tokenizer(os.path.join(path, name))
     scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    return StableDiffusion(
-        tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
-        text_encoder=CLIPTextModel(configs["text_encoder"], **modules),
-        vae=AutoencoderKL(configs["vae"], **modules),
-        unet=UNet2DConditionModel(configs["unet"], **modules),
-        params=params, scheduler_config=scheduler_config, model_index=model_index,
-    )
+    model = Model(networks=networks, tokenizers=tokenizers, scheduler_config=scheduler_config,
+                  model_index=model_index)
+    return StableDiffusion(model, params)
 
 
-__all__ = ["StableDiffusion", "load", "CLIPTextConfig", "UNetConfig", "VAEConfig"]
+__all__ = ["Model", "StableDiffusion", "load", "save", "CLIPTextConfig", "UNetConfig", "VAEConfig"]

@@ -88,3 +88,58 @@ def save_pipeline(folder: str, flavour: str, inpainting: bool = False) -> dict:
                                    requires_safety_checker=False)
     pipe.save_pretrained(os.path.join(folder, flavour))
     return components
+
+
+def text_encoder_2(vocab_size: int, eos_id: int, hidden: int = 40, projection: int = 24):
+    """SDXL's second text encoder in small: exact gelu, real eos id, a text projection."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", eos_token_id=eos_id, bos_token_id=eos_id - 1, pad_token_id=0,
+        projection_dim=projection)
+    return perturb_(CLIPTextModelWithProjection(config), seed=4)
+
+
+SDXL_TIME_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNets
+
+
+def sdxl_unet(cross_attention_dim: int, pooled_dim: int, time_ids: int):
+    """SDXL style: no attention at the first level, several transformer layers deeper, linear proj, head
+    dim 16, added conditioning (pooled text + `time_ids` sinusoidal time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    return perturb_(UNet2DConditionModel(
+        in_channels=4, out_channels=4, sample_size=16, norm_num_groups=8, block_out_channels=(32, 64, 64),
+        layers_per_block=(1, 2, 1), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=cross_attention_dim, use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=pooled_dim + time_ids * SDXL_TIME_DIM), seed=5)
+
+
+def save_sdxl_pipeline(folder: str, kind: str) -> dict:
+    """Builds and saves a tiny SDXL base ("base": both text encoders, 6 time ids) or refiner ("refiner":
+    text_encoder_2 only, 5 time ids with the aesthetic score) in folder/kind; returns its torch components."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(os.path.join(folder, "_tok"), "eos")
+    vocab_size = write_tokenizer(os.path.join(folder, "_tok2"), "!")
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "_tok"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(folder, "_tok2"))
+    encoder_2 = text_encoder_2(vocab_size, tokenizer_2.eos_token_id)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    components = dict(vae=vae(), text_encoder_2=encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler)
+    if kind == "base":
+        encoder = text_encoder("sd1", vocab_size, tokenizer.eos_token_id)
+        components.update(text_encoder=encoder, tokenizer=tokenizer,
+                          unet=sdxl_unet(32 + 40, 24, time_ids=6))
+        pipe = StableDiffusionXLPipeline(**components)
+    else:
+        components.update(text_encoder=None, tokenizer=None, unet=sdxl_unet(40, 24, time_ids=5))
+        pipe = StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=True)
+    pipe.save_pretrained(os.path.join(folder, kind))
+    return components

@@ -41,6 +41,16 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_checkpoints(tmp_path_factory):
+    """Tiny SDXL base and refiner diffusers folders with their torch reference components."""
+    pytest.importorskip("torch", reason=NO_TORCH)
+    import builders
+
+    root = str(tmp_path_factory.mktemp("sdxl"))
+    return {kind: (os.path.join(root, kind), builders.save_sdxl_pipeline(root, kind)) for kind in ("base", "refiner")}
+
+
+@pytest.fixture(scope="session")
 def inpaint_checkpoint(tmp_path_factory):
     """A tiny SD1-style inpainting checkpoint (9-channel UNet)."""
     pytest.importorskip("torch", reason=NO_TORCH)

@@ -179,11 +179,13 @@ def tiny_sd(tmp_path_factory):
     from sdjax.train.build import build_model, initial_params
     from sdjax.train.config import base_config
 
-    sd = build_model(base_config().model, str(tmp_path_factory.mktemp("tiny")))
+    import sdjax
+
+    model = build_model(base_config().model, str(tmp_path_factory.mktemp("tiny"))).model
     rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: initial_params(sd.networks, 0))
-    sd.params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-    return sd
+    shapes = jax.eval_shape(lambda: initial_params(dict(model.networks), 0))
+    return sdjax.StableDiffusion(model, jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+                                                     shapes))
 
 
 def test_evaluate_model_runs_and_counts(tiny_sd):

@@ -47,6 +47,40 @@ def test_missing_component_in_index(copy):
         sdjax.load(copy)
 
 
+def test_unknown_pipeline_or_component_class(copy):
+    index = os.path.join(copy, "model_index.json")
+    _edit_json(index, _class_name="KandinskyPipeline")
+    with pytest.raises(CheckpointError, match=r"model_index.json: pipeline 'KandinskyPipeline' is not one sdjax "
+                                              r"reads \(known: StableDiffusionPipeline, "):
+        sdjax.load(copy)
+    _edit_json(index, _class_name="StableDiffusionPipeline", text_encoder=["transformers", "T5EncoderModel"])
+    with pytest.raises(CheckpointError, match=r"component 'text_encoder' has class 'T5EncoderModel'; sdjax reads "
+                                              r"CLIPTextModel"):
+        sdjax.load(copy)
+
+
+def test_loaded_model_is_immutable(copy):
+    """Sharding gives a new StableDiffusion; the Model's mappings cannot be changed in place."""
+    import dataclasses
+
+    from sdjax import parallel
+
+    sd = sdjax.load(copy)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sd.params = {}
+    with pytest.raises(TypeError):
+        sd.model.networks["unet"] = None
+    with pytest.raises(TypeError):
+        sd.model.scheduler_config["prediction_type"] = "v_prediction"
+    mesh = parallel.make_mesh(parallel.mesh_config())
+    sharded = sd.shard(mesh)
+    assert sharded is not sd and sharded.mesh is mesh and sd.mesh is None and sharded.model is sd.model
+    remat = sd.model.with_networks(unet=sd.model.unet.clone(remat=True))
+    assert remat.unet.remat and not sd.model.unet.remat
+    with pytest.raises(ValueError, match="no network named text_encoder_2"):
+        sd.model.with_networks(text_encoder_2=sd.model.unet)
+
+
 def test_truncated_safetensors(copy):
     path = os.path.join(copy, "unet", "diffusion_pytorch_model.safetensors")
     with open(path, "r+b") as f:

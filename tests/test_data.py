@@ -13,7 +13,8 @@ from PIL import Image
 
 from sdjax.data import preprocess, shapes
 from sdjax.data.latent_cache import ensure_latent_cache
-from sdjax.data.pipeline import default_data_config, image_preprocess, make_dataset, make_iterator, make_source
+from sdjax.data.pipeline import make_dataset, make_iterator
+from sdjax.data.source import default_data_config, image_preprocess, make_source
 from sdjax.data.prepare import main as prepare_main
 from sdjax.data.prepare import prepare
 

@@ -1,4 +1,4 @@
-"""Full-size SD 1.5 / 2.1 structure without allocating: parameter counts and the complete key mapping."""
+"""Full-size SD 1.5 / 2.1 / SDXL structure without allocating: parameter counts and the complete key mapping."""
 
 import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
@@ -6,19 +6,22 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference is not instal
 from sdjax.convert.diffusers import COMPONENTS
 from sdjax.convert.state_dict import torch_key, torch_shape
 from sdjax.models import abstract_params, count_params
-from sdjax.models.presets import PRESETS
+from sdjax.models.presets import PRESETS, SDXL
 
 import flax
 
 EXPECTED = {
     ("sd15", "unet"): 859_520_964, ("sd15", "vae"): 83_653_863, ("sd15", "text_encoder"): 123_060_480,
     ("sd21", "unet"): 865_910_724, ("sd21", "vae"): 83_653_863, ("sd21", "text_encoder"): 340_387_840,
+    ("sdxl", "unet"): 2_567_463_684, ("sdxl", "text_encoder"): 123_060_480, ("sdxl", "text_encoder_2"): 694_659_840,
+    ("sdxl", "vae"): 83_653_863, ("sdxl_refiner", "unet"): 2_259_526_660,
 }
+CONFIGS = {**PRESETS, **SDXL}
 
 
 def _module(preset: str, name: str):
     component = COMPONENTS[name]
-    return component.module_cls(component.config_cls.from_dict(PRESETS[preset][name], f"{preset}/{name}"))
+    return component.module_cls(component.config_cls.from_dict(CONFIGS[preset][name], f"{preset}/{name}"))
 
 
 @pytest.mark.parametrize("preset,name", sorted(EXPECTED))
@@ -28,11 +31,14 @@ def test_parameter_counts(preset, name):
 
 def _reference_shapes(preset: str, name: str) -> dict[str, tuple]:
     """Key -> shape of the PyTorch reference, built on the meta device (no memory)."""
-    config = {k: v for k, v in PRESETS[preset][name].items() if not k.startswith("_") and k != "architectures"}
+    config = {k: v for k, v in CONFIGS[preset][name].items() if not k.startswith("_") and k != "architectures"}
     with torch.device("meta"):
         if name == "text_encoder":
             from transformers import CLIPTextConfig, CLIPTextModel
             model = CLIPTextModel(CLIPTextConfig(**config))
+        elif name == "text_encoder_2":
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+            model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
         elif name == "vae":
             from diffusers import AutoencoderKL
             model = AutoencoderKL(**config)

@@ -48,7 +48,7 @@ def test_inpainting_model_needs_mask(inpaint_checkpoint):
 def test_long_prompt_is_truncated_with_warning(sd):
     long_prompt = "circle " * 100
     with pytest.warns(UserWarning, match="exceed 77 tokens and were truncated"):
-        ids = sd.tokenize([long_prompt, "short"])
+        ids = sd.tokenize([long_prompt, "short"])["input_ids"]
     assert ids.shape == (2, 77)
-    eos = sd.tokenizer.eos_token_id
+    eos = sd.model.tokenizers["tokenizer"].eos_token_id
     assert ids[0, -1] == eos  # truncation keeps the end-of-text token, as CLIP's tokenizer does

@@ -147,7 +147,7 @@ def test_sampling_matches_one_device(tmp_path, checkpoints):
         "sd = sdjax.load(sys.argv[1])\n"
         "if jax.device_count() > 1:\n"
         "    c = parallel.mesh_config(); c.data = 4; c.fsdp = 2\n"
-        "    sd.shard(parallel.make_mesh(c))\n"
+        "    sd = sd.shard(parallel.make_mesh(c))\n"
         "    assert sd.params['unet']['conv_in']['kernel'].sharding.spec[-1] == 'fsdp'\n"
         "imgs = sd.generate([f'prompt {i}' for i in range(8)], num_steps=3, scheduler='euler_ancestral',\n"
         "                   height=32, width=32, seed=3)\n"

@@ -63,23 +63,26 @@ def test_one_scanned_program_per_shape(sd1):
     """New prompts, seeds and guidance reuse the compiled program; the loop is a lax.scan, not unrolled."""
     import jax
 
-    _, sd = sd1
-    sd.programs.clear()
+    from sdjax.pipeline import _PROGRAMS
+
+    _, loaded = sd1
+    sd = sdjax.StableDiffusion(loaded.model.replace(), loaded.params)  # a Model of its own: an empty cache
     kwargs = dict(num_steps=3, scheduler="ddim", height=32, width=32)
     sd.generate(["a red circle", "b"], seed=1, guidance_scale=7.5, **kwargs)
-    (plan, program), = sd.programs.items()
+    programs = _PROGRAMS[sd.model]
+    ((plan, _, _), program), = programs.items()
     assert program._cache_size() == 1
     sd.generate(["another prompt", "c"], ["neg", "x"], seed=[40, 2], guidance_scale=3.0, **kwargs)
     sd.generate(["third"] * 2, seed=99, guidance_scale=12.0, **kwargs)
-    assert len(sd.programs) == 1 and program._cache_size() == 1
+    assert len(programs) == 1 and program._cache_size() == 1
 
     def convs(steps):
         sd.generate(["a", "b"], num_steps=steps, scheduler="ddim", height=32, width=32)
-        plan = next(p for p in sd.programs if p.num_steps == steps)
+        key = next(k for k in programs if k[0].num_steps == steps)
         ids = sd.tokenize(["a", "b"])
-        args = (sd.params, ids, ids, jax.numpy.stack([jax.random.key(0)] * 2), 7.5,
+        args = (dict(sd.params), ids, ids, jax.numpy.stack([jax.random.key(0)] * 2), 7.5,
                 np.zeros((2, 16, 16, 4), np.float32), None, None)
-        text = str(jax.make_jaxpr(sd.programs[plan])(*args))
+        text = str(jax.make_jaxpr(programs[key])(*args))
         return text.count("conv_general_dilated"), "scan" in text
 
     assert convs(2) == convs(5)

@@ -13,7 +13,8 @@ import pytest
 
 from sdjax.models.clip import MAX_LOGIT_SCALE, contrastive_loss
 from sdjax.train.objectives import kl_to_standard_normal, random_crops
-from sdjax.train.tasks import psnr, retrieval_accuracy
+from sdjax.train.tasks.clip import retrieval_accuracy
+from sdjax.train.tasks.vae import psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,7 +130,7 @@ def test_stage_outputs_are_wired_into_the_model(pipeline_run):
         for a, b in zip(jax.tree.leaves(stage_params), jax.tree.leaves(sd.params[name])):
             np.testing.assert_array_equal(a, np.asarray(b))
     # ...and the tokenizer the stages learnt.
-    assert list(sd.tokenize(["a large green triangle on a white background"])[0, :10]) == ids
+    assert list(sd.tokenize(["a large green triangle on a white background"])["input_ids"][0, :10]) == ids
     images = sd.generate(["a small red circle on a blue background"], num_steps=2, guidance_scale=3.0)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 

@@ -182,12 +182,12 @@ def test_latent_cache_follows_the_vae(tmp_path, data_dir, capsys):
     and rebuilt when its weights change."""
     import jax
 
-    from sdjax.data.pipeline import held_out
+    from sdjax.data.source import held_out
     from sdjax.models import AutoencoderKL, VAEConfig
     from sdjax.models.presets import preset
     from sdjax.train.build import initial_params
     from sdjax.train.config import base_config
-    from sdjax.train.tasks import cache_latents
+    from sdjax.train.tasks.unet import cache_latents
 
     config = base_config()
     config.data.update(data_dir=data_dir, resolution=32, shapes={"num_examples": 64, "num_test_examples": 8, "seed": 0})

@@ -118,7 +118,7 @@ def test_run_seeds_are_64_bit():
 
     config = base_config()
     tx = make_optimizer(config.optimizer, config.total_steps)
-    rng = lambda seed: init_state({"unet": {}}, apply_overrides(config, {"seed": seed}), tx).rng.tolist()
+    rng = lambda seed: init_state({"unet": {}}, ("unet",), apply_overrides(config, {"seed": seed}), tx).rng.tolist()
     assert rng(7) == jax.random.key_data(jax.random.key(7)).tolist()
     assert rng(2**32) == [1, 0] and rng(2**32) != rng(0)
     assert _derived_seed(7, 1) == 369571992  # what the 32-bit form gave: data orders of earlier runs kept

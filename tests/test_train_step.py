@@ -6,12 +6,14 @@ import numpy as np
 import optax
 import pytest
 
+import sdjax
 from sdjax.train.build import build_model, initial_params
 from sdjax.train.config import apply_overrides, base_config, check_keys
 from sdjax.train.loss import min_snr_weights, prediction_target
 from sdjax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdjax.train.objectives import Objective
 from sdjax.train.step import ema_decay, init_state, make_step, make_train_step
+from sdjax.train.tasks import unet as unet_task
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +22,18 @@ def setup(tmp_path_factory):
     config.batch_size = 4
     config.optimizer.warmup_steps = 0
     config.optimizer.learning_rate = 1e-3
-    sd = build_model(config.model, str(tmp_path_factory.mktemp("tiny")))
-    sd.params = initial_params(sd.networks, 0)
+    model = build_model(config.model, str(tmp_path_factory.mktemp("tiny"))).model
+    sd = sdjax.StableDiffusion(model, initial_params(dict(model.networks), 0))
     rng = np.random.default_rng(0)
     batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)),
-             "input_ids": jnp.asarray(sd.tokenize(["a red circle", "", "a blue square", "x"]))}
+             "input_ids": jnp.asarray(sd.tokenize(["a red circle", "", "a blue square", "x"])["input_ids"])}
     return config, sd, batch
 
 
 def _step(config, sd, batch, steps=1):
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(sd.params, config, tx)
-    step = jax.jit(make_train_step(sd, config, tx))
+    state = init_state(dict(sd.params), unet_task.trained(config), config, tx)
+    step = jax.jit(make_train_step(sd.model, config, tx))
     for _ in range(steps):
         state, metrics = step(state, batch)
     return state, metrics
@@ -103,8 +105,8 @@ def test_non_finite_loss_skips_the_update(setup):
     config, sd, batch = setup
     bad = dict(batch, pixels=batch["pixels"].at[0, 0, 0, 0].set(jnp.nan))
     tx = make_optimizer(config.optimizer, config.total_steps)
-    step = jax.jit(make_train_step(sd, config, tx))
-    state, metrics = _assert_skipped(step, init_state(sd.params, config, tx), bad)
+    step = jax.jit(make_train_step(sd.model, config, tx))
+    state, metrics = _assert_skipped(step, init_state(dict(sd.params), ("unet",), config, tx), bad)
     assert not np.isfinite(float(metrics["loss"]))
     state, metrics = step(state, batch)
     assert int(state.bad_steps) == 0 and float(metrics["finite"]) == 1
@@ -118,7 +120,7 @@ def _linear_run(learning_rate: float):
                           loss=lambda params, batch, rand: jnp.mean(jnp.square(batch["x"] @ params["unet"]["w"])))
     tx = make_optimizer(config.optimizer, config.total_steps)
     params = {"unet": {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)}}
-    return init_state(params, config, tx), jax.jit(make_step(objective, config, tx))
+    return init_state(params, ("unet",), config, tx), jax.jit(make_step(objective, config, tx))
 
 
 @pytest.mark.compat

@@ -29,6 +29,7 @@ from sdjax.convert.state_dict import params_from_state_dict, state_dict_from_par
 from sdjax.tokenizer import save_tokenizer
 from sdjax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
                           VAEConfig, abstract_params)
+from sdjax.models.clip_text import CLIPTextModelWithProjection, CLIPTextProjectionConfig
 
 # Old diffusers VAE checkpoints name the middle-block attention projections differently.
 _VAE_LEGACY_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
@@ -38,6 +39,11 @@ def _text_encoder_keys(key: str) -> str | None:
     # transformers 4 wrote "text_model." before every key, transformers 5 does not; both load.
     key = key.removeprefix("text_model.")
     return None if key == "embeddings.position_ids" else key  # a buffer, not a parameter
+
+
+def _text_encoder_export_key(key: str) -> str:
+    # transformers' CLIPText* models keep the tower under "text_model." and the projection beside it.
+    return key if key.startswith("text_projection.") else "text_model." + key
 
 
 def _vae_keys(key: str) -> str:
@@ -57,12 +63,15 @@ class Component:
     class_names: tuple[str, ...]       # accepted _class_name / architectures in config.json
     library: str                       # for model_index.json
     normalize_key: Callable[[str], str | None]  # checkpoint key -> our key (None: skip)
-    export_prefix: str = ""
+    export_key: Callable[[str], str] = lambda key: key  # our key -> the key written
 
 
 COMPONENTS: dict[str, Component] = {
     "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", ("CLIPTextModel",), "transformers",
-                              _text_encoder_keys, export_prefix="text_model."),
+                              _text_encoder_keys, _text_encoder_export_key),
+    "text_encoder_2": Component(CLIPTextProjectionConfig, CLIPTextModelWithProjection, "model",
+                                ("CLIPTextModelWithProjection",), "transformers", _text_encoder_keys,
+                                _text_encoder_export_key),
     "vae": Component(VAEConfig, AutoencoderKL, "diffusion_pytorch_model", ("AutoencoderKL",), "diffusers",
                      _vae_keys),
     "unet": Component(UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model", ("UNet2DConditionModel",),
@@ -84,20 +93,59 @@ def read_json(path: str) -> dict[str, Any]:
     return value
 
 
+# model_index.json "_class_name" -> (the components sdjax needs, those it reads where the index names them).
+# Others (a safety checker, an image encoder) are left alone.
+_SD = (("text_encoder", "tokenizer", "unet", "vae", "scheduler"), ())
+# SDXL base has both text encoders; the refiner only the second (its index gives text_encoder [null, null]).
+_SDXL = (("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler"), ("text_encoder", "tokenizer"))
+PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "StableDiffusionPipeline": _SD, "StableDiffusionImg2ImgPipeline": _SD, "StableDiffusionInpaintPipeline": _SD,
+    "StableDiffusionXLPipeline": _SDXL, "StableDiffusionXLImg2ImgPipeline": _SDXL,
+    "StableDiffusionXLInpaintPipeline": _SDXL,
+}
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
 def read_model_index(folder: str) -> dict[str, Any]:
-    """model_index.json of a diffusers pipeline folder, checked to hold the SD components."""
+    """model_index.json of a diffusers pipeline folder, checked to name a known pipeline whose components
+    are present with classes sdjax reads."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a directory")
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise CheckpointError(f"{folder}: not a diffusers checkpoint folder (model_index.json not found)")
     index = read_json(index_path)
-    for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
-        if not isinstance(index.get(name), list) or index[name][0] is None:
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINES:
+        raise CheckpointError(f"{index_path}: pipeline {pipeline!r} is not one sdjax reads "
+                              f"(known: {', '.join(PIPELINES)})")
+    required, optional = PIPELINES[pipeline]
+    for name in required + optional:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            if name in optional:
+                continue
             raise CheckpointError(f"{index_path}: component {name!r} is missing")
+        known = (COMPONENTS[name].class_names if name in COMPONENTS
+                 else TOKENIZER_CLASSES if name.startswith("tokenizer") else None)
+        if known is not None and entry[1] not in known:
+            raise CheckpointError(f"{index_path}: component {name!r} has class {entry[1]!r}; sdjax reads "
+                                  f"{' or '.join(known)}")
         if not os.path.isdir(os.path.join(folder, name)):
             raise CheckpointError(f"{os.path.join(folder, name)}: component folder not found")
+    present = model_components(index)
+    for encoder in (n for n in present if n.startswith("text_encoder")):
+        if encoder.replace("text_encoder", "tokenizer") not in present:
+            raise CheckpointError(f"{index_path}: component {encoder!r} has no "
+                                  f"{encoder.replace('text_encoder', 'tokenizer')!r}")
     return index
+
+
+def model_components(index: dict[str, Any]) -> tuple[str, ...]:
+    """The components sdjax reads from a folder with this (checked) model_index.json."""
+    required, optional = PIPELINES[index["_class_name"]]
+    named = lambda name: isinstance(index.get(name), list) and len(index[name]) == 2 and index[name][1] is not None
+    return required + tuple(name for name in optional if named(name))
 
 
 def read_component_config(folder: str, name: str) -> Any:
@@ -166,13 +214,15 @@ def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: 
     return config, params_from_state_dict(shapes, state_dict, source, dtype=dtype, place=place)
 
 
-def default_model_index(scheduler_class: str) -> dict[str, Any]:
-    """model_index.json for a StableDiffusionPipeline without safety checker."""
-    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                             "feature_extractor": [None, None], "safety_checker": [None, None],
-                             "scheduler": ["diffusers", scheduler_class], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    for name, component in COMPONENTS.items():
-        index[name] = [component.library, component.class_names[0]]
+def default_model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict[str, Any]:
+    """model_index.json of `pipeline` (without safety checker) with its components' usual classes."""
+    index: dict[str, Any] = {"_class_name": pipeline}
+    if PIPELINES[pipeline] == _SD:
+        index.update(requires_safety_checker=False, feature_extractor=[None, None], safety_checker=[None, None])
+    for name in PIPELINES[pipeline][0]:
+        index[name] = (["diffusers", scheduler_class] if name == "scheduler"
+                       else ["transformers", TOKENIZER_CLASSES[0]] if name.startswith("tokenizer")
+                       else [COMPONENTS[name].library, COMPONENTS[name].class_names[0]])
     return index
 
 
@@ -203,23 +253,25 @@ def _write_component(folder: str, name: str, config: Any, params: Any, dtype: An
     component = COMPONENTS[name]
     os.makedirs(os.path.join(folder, name))
     _write_json(os.path.join(folder, name, "config.json"), config.to_dict())
-    tensors = {component.export_prefix + k: _cast(v, dtype) for k, v in state_dict_from_params(params).items()}
+    tensors = {component.export_key(k): _cast(v, dtype) for k, v in state_dict_from_params(params).items()}
     write_safetensors(os.path.join(folder, name, component.weights + ".safetensors"), tensors)
 
 
-def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any,
+def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizers: dict[str, Any],
                   scheduler_config: dict[str, Any], model_index: dict[str, Any] | None = None,
                   dtype: Any = None) -> None:
-    """Writes a diffusers pipeline folder atomically; `dtype` (e.g. np.float16) casts float weights."""
+    """Writes a diffusers pipeline folder atomically: each network of `configs` with its `params`, each
+    tokenizer, the scheduler config; `dtype` (e.g. np.float16) casts float weights."""
     with _staged_folder(folder) as staging:
         scheduler_class = scheduler_config.get("_class_name", "PNDMScheduler")
         index = dict(model_index or default_model_index(scheduler_class))
         _write_json(os.path.join(staging, "model_index.json"), index)
-        for name in COMPONENTS:
-            _write_component(staging, name, configs[name], params[name], dtype)
+        for name, config in configs.items():
+            _write_component(staging, name, config, params[name], dtype)
         os.makedirs(os.path.join(staging, "scheduler"))
         _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler_config)
-        save_tokenizer(tokenizer, os.path.join(staging, "tokenizer"))
+        for name, tokenizer in tokenizers.items():
+            save_tokenizer(tokenizer, os.path.join(staging, name))
 
 
 def save_components(folder: str, *, configs: dict[str, Any], params: dict[str, Any], tokenizer: Any = None,

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
-from sdjax.data.pipeline import image_preprocess, make_source, to_pixels
+from sdjax.data.source import image_preprocess, make_source, to_pixels
 from sdjax.data.preprocess import Draws, caption_values, choose_caption, draw
 
 FORMAT = 1  # bumped when the files change, so an old cache is rebuilt rather than misread

@@ -4,7 +4,7 @@
     python -m sdjax.data.prepare --kind shapes --num_examples 2000 --resolution 64
 
 The printed directory is what `tfds.builder_from_directory` (and the "folder"/"shapes" sources of
-sdjax.data.pipeline) read. Building again with the same options is a no-op.
+sdjax.data.source) read. Building again with the same options is a no-op.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ CROPS = ("center", "random")
 _unreadable_lock = threading.Lock()
 _unreadable = 0
 # Images that never made it into a dataset (its build skipped them), by dataset name: recorded by
-# sdjax.data.pipeline.make_source when it opens one, so that a run's count includes them.
+# sdjax.data.source.make_source when it opens one, so that a run's count includes them.
 _skipped_at_build: dict[str, int] = {}
 
 

@@ -90,7 +90,7 @@ class CLIPVisionModel(nn.Module):
                                (x.shape[1] + 1, cfg.hidden_size), self.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, cfg.hidden_size)), x], axis=1)
         x = layer_norm(cfg.layer_norm_eps, name="pre_layrnorm", **kw)(x + positions.astype(x.dtype))
-        x = CLIPEncoder(cfg, self.attention_impl, causal=False, name="encoder", **kw)(x)
+        x = CLIPEncoder(cfg, self.attention_impl, causal=False, name="encoder", **kw)(x)[-1]
         return layer_norm(cfg.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
 
 

@@ -1,4 +1,5 @@
-"""CLIP text transformer (SD1: OpenAI CLIP ViT-L/14 text; SD2: OpenCLIP ViT-H/14 text as diffusers stores it)."""
+"""CLIP text transformer (SD1: OpenAI CLIP ViT-L/14 text; SD2: OpenCLIP ViT-H/14 text as diffusers stores it;
+SDXL: both ViT-L and OpenCLIP bigG, the latter with its text projection)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ class CLIPTextConfig:
     def to_dict(self) -> dict[str, Any]:
         """The transformers config.json form."""
         return dict(dataclasses.asdict(self), architectures=["CLIPTextModel"], model_type="clip_text_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextProjectionConfig(CLIPTextConfig):
+    """transformers' CLIPTextConfig of a CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+
+    projection_dim: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(super().to_dict(), architectures=["CLIPTextModelWithProjection"])
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -101,16 +112,23 @@ class CLIPEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_blc: jax.Array) -> jax.Array:
+    def __call__(self, x_blc: jax.Array) -> list[jax.Array]:
+        """Every hidden state, as transformers' hidden_states: the input, then each layer's output."""
         layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+        states = [x_blc]
         for i in range(self.config.num_hidden_layers):
-            x_blc = layer_cls(self.config, self.attention_impl, self.causal, name=f"layers_{i}", dtype=self.dtype,
-                              param_dtype=self.param_dtype)(x_blc)
-        return x_blc
+            states.append(layer_cls(self.config, self.attention_impl, self.causal, name=f"layers_{i}",
+                                    dtype=self.dtype, param_dtype=self.param_dtype)(states[-1]))
+        return states
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (B, L) -> (last hidden state (B, L, C) after the final LayerNorm, pooled EOS output (B, C))."""
+    """Token ids (B, L) -> (hidden state (B, L, C), pooled EOS output (B, C)).
+
+    The hidden state is the last one after the final LayerNorm (transformers' last_hidden_state), or
+    with `hidden_layer` = k the raw transformers hidden_states[k] (SDXL takes -2: the penultimate layer's
+    output, no final LayerNorm).
+    """
 
     config: CLIPTextConfig
     attention_impl: str = "xla"
@@ -119,14 +137,17 @@ class CLIPTextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, hidden_layer: int | None = None) -> tuple[jax.Array, jax.Array]:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} positions; the text encoder has "
                              f"{cfg.max_position_embeddings} (max_position_embeddings)")
+        if hidden_layer is not None and not -cfg.num_hidden_layers - 1 <= hidden_layer <= cfg.num_hidden_layers:
+            raise ValueError(f"hidden_layer {hidden_layer}: the text encoder has {cfg.num_hidden_layers + 1} "
+                             "hidden states")
         x = CLIPEmbeddings(cfg, name="embeddings", **kw)(input_ids)
-        x = CLIPEncoder(cfg, self.attention_impl, self.remat, name="encoder", **kw)(x)
-        x = layer_norm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
+        states = CLIPEncoder(cfg, self.attention_impl, self.remat, name="encoder", **kw)(x)
+        x = layer_norm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(states[-1])
         # transformers' rule: the legacy eos id 2 means "take the highest token id" (49407 is
         # the largest in CLIP's vocab); otherwise the first position holding eos_token_id.
         if cfg.eos_token_id == 2:
@@ -134,4 +155,14 @@ class CLIPTextModel(nn.Module):
         else:
             eos_index = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(x, eos_index[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        if isinstance(cfg, CLIPTextProjectionConfig):  # CLIPTextModelWithProjection: the projected EOS output
+            pooled = dense(cfg.projection_dim, ("embed", "embed_out"), use_bias=False, name="text_projection",
+                           **kw)(pooled)
+        return (x if hidden_layer is None else states[hidden_layer]), pooled
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel whose pooled output goes through the bias-free text_projection (its config's
+    projection_dim wide): transformers' class of SDXL's text_encoder_2."""
+
+    config: CLIPTextProjectionConfig

@@ -24,9 +24,13 @@ def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
         return (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),)
     if isinstance(module, UNet2DConditionModel):
         side = 2 ** (len(cfg.block_out_channels) - 1)
-        return (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
-                jax.ShapeDtypeStruct((1,), jnp.int32),
-                jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32))
+        inputs = (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
+                  jax.ShapeDtypeStruct((1,), jnp.int32),
+                  jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32))
+        if cfg.addition_embed_type == "text_time":  # any split of the added features traces the same weights
+            pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+            inputs += (jax.ShapeDtypeStruct((1, pooled), jnp.float32), jax.ShapeDtypeStruct((1, 1), jnp.float32))
+        return inputs
     if isinstance(module, CLIPModel):
         side = cfg.vision.image_size
         return (jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),

@@ -91,3 +91,34 @@ PRESETS["tiny"] = _small_family([16, 32], [32, 64], heads=4, text_width=32, text
 # small shapes, against 54% and 27% with one (wider levels, 96/192 channels, did not help: 52%, 33%).
 PRESETS["small"] = _small_family([16, 32, 64, 64], [64, 128], heads=4, text_width=64, text_layers=2,
                                  latent_side=8, text_positions=16, latent_channels=8, unet_layers=2)
+
+# SDXL base 1.0 and refiner 1.0 (stabilityai/stable-diffusion-xl-*-1.0), as their config.json files give
+# them. Kept apart from PRESETS until SDXL can be trained and planned; parameter counts and key layouts are
+# tested against the reference classes.
+_SDXL_TEXT_L = dict(PRESETS["sd15"]["text_encoder"], hidden_act="quick_gelu")
+_SDXL_TEXT_G = {
+    "architectures": ["CLIPTextModelWithProjection"], "vocab_size": 49408, "hidden_size": 1280,
+    "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2, "projection_dim": 1280,
+}
+_SDXL_VAE = dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL: dict[str, dict[str, dict]] = {
+    "sdxl": {
+        "text_encoder": _SDXL_TEXT_L, "text_encoder_2": _SDXL_TEXT_G, "vae": _SDXL_VAE,
+        "unet": dict(_SD_UNET, block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                     transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, use_linear_projection=True,
+                     sample_size=128, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2816,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    },
+    "sdxl_refiner": {
+        "text_encoder_2": _SDXL_TEXT_G, "vae": _SDXL_VAE,
+        "unet": dict(_SD_UNET, block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
+                     transformer_layers_per_block=4, cross_attention_dim=1280, use_linear_projection=True,
+                     sample_size=128, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2560,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    },
+}

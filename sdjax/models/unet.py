@@ -1,4 +1,5 @@
-"""UNet2DConditionModel of Stable Diffusion 1.x/2.x: noisy latents + timestep + text -> noise (or v) prediction."""
+"""UNet2DConditionModel of Stable Diffusion 1.x/2.x and SDXL: noisy latents + timestep + text (+ SDXL's pooled
+text and time ids) -> noise (or v) prediction."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ ACTIVATION_AXES = ("batch", None, None, None)  # NHWC activations between blocks
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# Options of diffusers' UNet2DConditionModel outside the SD 1.x/2.x family, with the values we implement.
+# Options of diffusers' UNet2DConditionModel outside the SD 1.x/2.x/XL family, with the values we implement.
 _UNSUPPORTED = {
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "act_fn": ("silu", "swish"),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "encoder_hid_dim": (None,),
     "time_cond_proj_dim": (None,),
     "time_embedding_type": ("positional",),
@@ -82,6 +83,11 @@ class UNetConfig:
     cross_attention_dim: int = 1280
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # SDXL's added conditioning ("text_time"): the pooled text embedding and sinusoidal embeddings of the
+    # time ids (sizes, crop, aesthetic score), projected and added to the timestep embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "UNetConfig":
@@ -105,6 +111,10 @@ class UNetConfig:
             if len(kwargs[key]) != levels:
                 raise ValueError(f"{source}: {key} has {len(kwargs[key])} entries but block_out_channels has {levels}")
         cfg = cls(**kwargs)
+        if cfg.addition_embed_type == "text_time" and not (cfg.addition_time_embed_dim
+                                                            and cfg.projection_class_embeddings_input_dim):
+            raise ValueError(f"{source}: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         for channels, heads in zip(cfg.block_out_channels, cfg.num_attention_heads):
             if channels % heads:
                 raise ValueError(f"{source}: block_out_channels {channels} is not divisible by {heads} heads")
@@ -113,13 +123,15 @@ class UNetConfig:
     def to_dict(self) -> dict[str, Any]:
         """The diffusers config.json form."""
         out = dataclasses.asdict(self)
-        out["attention_head_dim"] = out.pop("num_attention_heads")  # what SD 1.x/2.x checkpoints write
+        out["attention_head_dim"] = out.pop("num_attention_heads")  # what SD 1.x/2.x/XL checkpoints write
+        if self.addition_embed_type is None:  # SD 1.x/2.x configs do not carry SDXL's keys
+            for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                del out[key]
         return dict(out, _class_name="UNet2DConditionModel", act_fn="silu", mid_block_type="UNetMidBlock2DCrossAttn")
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
-
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), in float32."""
@@ -211,7 +223,12 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """(latents (B, h, w, C), timesteps (B,) or scalar, text states (B, L, D)) -> prediction (B, h, w, C_out)."""
+    """(latents (B, h, w, C), timesteps (B,) or scalar, text states (B, L, D)) -> prediction (B, h, w, C_out).
+
+    A UNet with SDXL's added conditioning (addition_embed_type "text_time") also takes `text_embeds`
+    (B, P), the pooled text embedding, and `time_ids` (B, n): original size, crop top-left and target
+    size (base) or aesthetic score (refiner).
+    """
 
     config: UNetConfig
     attention_impl: str = "xla"
@@ -220,13 +237,26 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, latents_nhwc: jax.Array, timesteps: jax.Array, context_blc: jax.Array) -> jax.Array:
+    def __call__(self, latents_nhwc: jax.Array, timesteps: jax.Array, context_blc: jax.Array,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(attention_impl=self.attention_impl, remat=self.remat, **kw)
         batch = latents_nhwc.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         temb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
+        if cfg.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet (addition_embed_type 'text_time', SDXL) needs text_embeds and time_ids")
+            width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+            if width != cfg.projection_class_embeddings_input_dim:
+                raise ValueError(f"text_embeds {text_embeds.shape} and {time_ids.shape[-1]} time ids give {width} "
+                                 f"features; this UNet takes {cfg.projection_class_embeddings_input_dim} "
+                                 "(projection_class_embeddings_input_dim)")
+            time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                             cfg.freq_shift).reshape(batch, -1)
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(self.dtype)
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(added)
 
         x = latents_nhwc
         if cfg.center_input_sample:

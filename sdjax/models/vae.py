@@ -32,6 +32,8 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # diffusers decodes a float16 VAE that sets this in float32 (SD's and SDXL's VAEs overflow float16).
+    force_upcast: bool = True
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "VAEConfig":
@@ -51,7 +53,10 @@ class VAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers config.json form."""
-        return dict(dataclasses.asdict(self), _class_name="AutoencoderKL", act_fn="silu")
+        out = dict(dataclasses.asdict(self), _class_name="AutoencoderKL", act_fn="silu")
+        if self.force_upcast:  # diffusers' default: left out, as SD 1.x/2.x configs written before it leave it
+            del out["force_upcast"]
+        return out
 
     @property
     def downscale(self) -> int:

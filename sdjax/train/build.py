@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import ml_collections
 
 import sdjax
-from sdjax.convert.diffusers import default_model_index, load_component
-from sdjax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
+from sdjax.convert.diffusers import COMPONENTS, default_model_index, load_component
+from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.models.params import init_params
 from sdjax.models.presets import preset
-from sdjax.stable_diffusion import StableDiffusion
+from sdjax.stable_diffusion import Model, StableDiffusion
 from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
 
 # The noise schedule of Stable Diffusion's training (and a sampler config for the exported model).
@@ -34,10 +34,11 @@ def build_model(model: ml_collections.ConfigDict, workdir: str) -> StableDiffusi
     if model.pretrained:
         sd = sdjax.load(model.pretrained, dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32,
                         attention_impl=model.attention_impl, to_device=False)
-        return with_training_options(sd, model)
+        return StableDiffusion(with_training_options(sd.model, model), sd.params)
     configs, params, tokenizer = scratch_components(model, workdir)
-    return assemble(configs, model, tokenizer=tokenizer, scheduler_config=dict(SD_SCHEDULE),
-                    model_index=default_model_index("DDIMScheduler"), params=params)
+    return StableDiffusion(assemble(configs, model, tokenizers={"tokenizer": tokenizer},
+                                    scheduler_config=dict(SD_SCHEDULE),
+                                    model_index=default_model_index("DDIMScheduler")), params)
 
 
 def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict, object]:
@@ -82,24 +83,23 @@ def _stage_component(folder: str, name: str, key: str) -> tuple[object, dict]:
     return load_component(folder, name)
 
 
-def assemble(configs: dict, model: ml_collections.ConfigDict, *, tokenizer, scheduler_config: dict,
-             model_index: dict, params: dict | None = None) -> StableDiffusion:
-    """A StableDiffusion from the three typed configs (with `params`, by default none), set up as
-    `model` says."""
+def assemble(configs: dict, model: ml_collections.ConfigDict, *, tokenizers: dict, scheduler_config: dict,
+             model_index: dict) -> Model:
+    """A Model from typed network configs (by component name), set up as `model` says."""
     kw = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.float32, attention_impl=model.attention_impl)
-    sd = StableDiffusion(tokenizer=tokenizer, text_encoder=CLIPTextModel(configs["text_encoder"], **kw),
-                         vae=AutoencoderKL(configs["vae"], **kw), unet=UNet2DConditionModel(configs["unet"], **kw),
-                         params=dict(params or {}), scheduler_config=scheduler_config, model_index=model_index)
-    return with_training_options(sd, model)
+    networks = {name: COMPONENTS[name].module_cls(config, **kw) for name, config in configs.items()}
+    return with_training_options(Model(networks=networks, tokenizers=tokenizers, scheduler_config=scheduler_config,
+                                       model_index=model_index), model)
 
 
-def with_training_options(sd: StableDiffusion, model: ml_collections.ConfigDict) -> StableDiffusion:
-    """Applies the config's prediction-type override and UNet remat."""
+def with_training_options(sd_model: Model, model: ml_collections.ConfigDict) -> Model:
+    """`sd_model` with the config's prediction-type override and UNet remat applied."""
     if model.prediction_type:
-        sd.scheduler_config = dict(sd.scheduler_config, prediction_type=model.prediction_type)
+        sd_model = sd_model.replace(scheduler_config={**sd_model.scheduler_config,
+                                                      "prediction_type": model.prediction_type})
     if model.remat:
-        sd.unet = sd.unet.clone(remat=True)
-    return sd
+        sd_model = sd_model.with_networks(unet=sd_model.unet.clone(remat=True))
+    return sd_model
 
 
 def initial_params(networks: dict, seed: int) -> dict:

@@ -20,11 +20,11 @@ import orbax.checkpoint as ocp
 from sdjax.train.step import TrainState
 
 
-def fingerprint(sd, trained: tuple[str, ...]) -> dict[str, Any]:
+def fingerprint(model, trained: tuple[str, ...]) -> dict[str, Any]:
     """What identifies the model being trained, as JSON (tuples become lists, as they do when saved)."""
-    return json.loads(json.dumps({"configs": {name: cfg.to_dict() for name, cfg in sd.configs.items()},
+    return json.loads(json.dumps({"configs": {name: cfg.to_dict() for name, cfg in model.configs.items()},
                                   "trained": list(trained),
-                                  "prediction_type": sd.scheduler_config.get("prediction_type", "epsilon")}))
+                                  "prediction_type": model.scheduler_config.get("prediction_type", "epsilon")}))
 
 
 def _describe_difference(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> str:

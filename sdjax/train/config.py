@@ -11,7 +11,7 @@ from typing import Any, Callable
 import ml_collections
 
 from sdjax.cli import unknown_key_message
-from sdjax.data.pipeline import default_data_config
+from sdjax.data.source import default_data_config
 from sdjax.parallel import mesh_config
 
 

@@ -8,6 +8,7 @@ position) replays exactly the steps an uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sdjax.data.latent_cache import check_cacheable
-from sdjax.data.pipeline import make_iterator, make_source
+from sdjax.data.pipeline import make_iterator
+from sdjax.data.source import make_source
 from sdjax.data.preprocess import unreadable_images_skipped
 from sdjax.flops import compiled_flops, measured_peak_flops, traced_flops
 from sdjax.host_memory import release_freed_heap
@@ -36,7 +37,7 @@ from sdjax.train.optimizer import make_optimizer
 from sdjax.train.progress import Progress
 from sdjax.train.placement import create_state, replicated
 from sdjax.train.step import TrainState, make_step
-from sdjax.train.tasks import Task, build_task, cache_latents, fit_tokenizer
+from sdjax.train.tasks import Task, build_task, task_module
 
 
 class TrainingError(RuntimeError):
@@ -98,11 +99,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a run would otherwise hit later, raised before any compute."""
     check_keys(config)
     check_numbers(config)
-    if config.data.cache_latents:
-        if config.task != "unet":
-            raise ValueError(f"data.cache_latents: only task 'unet' trains on a frozen VAE's latents; "
-                             f"task {config.task!r} needs the pixels")
-        check_cacheable(config.data)
+    task_module(config).check(config)
     check_batch(config, make_mesh(config.mesh))
     if config.total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
@@ -192,14 +189,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if lead:  # builds "shapes"/"folder" datasets once; a missing dataset or feature key fails here
         make_source(config.data)
     sync_processes("dataset ready")  # the other hosts open it in make_iterator, once it is built
-    if config.task == "tokenizer":  # no gradient steps: merges counted from the captions
+    task = build_task(config, workdir)
+    if task.fit is not None:  # no gradient steps
         if lead:
-            fit_tokenizer(config, workdir)
-        sync_processes("tokenizer written")
+            task.fit()
+        sync_processes("task fitted")
         return {}
     mesh = make_mesh(config.mesh)
     rules = config.mesh.rules
-    task = build_task(config, workdir)
     model_id = task.identity
     checkpoints = Checkpoints(workdir, config.checkpoint)
     latest = checkpoints.latest_step()
@@ -210,15 +207,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f.write(config.to_json(indent=2))
 
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state, shardings = create_state(task.networks, task.params, config, tx, mesh)
-    task.params = {}  # all parameters now live in the state, whose buffers each step donates
-    latents = ""
-    if config.data.cache_latents:  # the frozen VAE runs once over the split instead of in every step
-        latents = os.path.join(workdir, "latent_cache")
-        vae_params = to_host(state.frozen["vae"])  # a gather every process takes part in
-        if lead:
-            cache_latents(config, latents, task.networks["vae"], vae_params)
-        sync_processes("latent cache ready")
+    state, shardings = create_state(task.networks, task.params, task.trained, config, tx, mesh)
+    task = dataclasses.replace(task, params={})  # all parameters now live in the state, whose buffers steps donate
+    latents = task.prepare_data(state.frozen) if task.prepare_data else ""
     data = make_iterator(config.data, task.tokenize, global_batch_size=config.batch_size, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(), latents=latents)
     if latest is not None:
@@ -242,7 +233,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     writer = MetricWriter(os.path.join(workdir, "logs"), enabled=lead)
     progress = Progress(config.total_steps, int(state.step), enabled=lead and config.log.progress_bar)
-    previews: dict = {}
     step = int(state.step)
     window: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
@@ -272,7 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 window, window_start, window_steps = [], time.perf_counter(), 0
             if task.preview and config.log.preview_every_steps and step % config.log.preview_every_steps == 0:
                 try:
-                    images = task.preview({**state.frozen, **state.ema}, previews)  # the EMA weights, fixed seeds
+                    images = task.preview({**state.frozen, **state.ema})  # the EMA weights, fixed seeds
                 except SamplingError as e:  # non-finite EMA (or an overflowing sampler): stop, as at a save
                     raise TrainingError(f"step {step}: preview: {e}; {last_good(checkpoints)}") from None
                 writer.write_images(step, {"preview": images})  # process 0 writes

@@ -1,131 +1,32 @@
-"""Training metrics to TensorBoard event files and a `metrics.jsonl`, with no TensorFlow or tensorboard at runtime.
-
-An event file is a TFRecord stream of `tensorboard.Event` protobufs. Each record is framed as
-
-    uint64 length (little endian) | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
-
-and the first record carries only `file_version = "brain.Event:2"`. We hand-encode the few protobuf fields we need
-(field numbers from tensorboard/compat/proto/event.proto and summary.proto):
-
-    Event    { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary  { repeated Value value = 1; }
-    Value    { string tag = 1; float simple_value = 2; Image image = 4; }
-    Image    { int32 height = 1; int32 width = 2; int32 colorspace = 3; bytes encoded_image_string = 4; }
+"""Training metrics to TensorBoard event files (written by tensorboardX, no TensorFlow) and `metrics.jsonl`.
 
 `metrics.jsonl` gets one JSON object per `write_scalars` call: {"step": ..., "time": ..., **scalars}. JSON has no
 NaN or infinity, so non-finite scalars are written there as `null` (the event file keeps the float as-is, and
 TensorBoard shows it as NaN/inf).
+
+Why tensorboardX: it is maintained and needs only protobuf and numpy. Its pieces are used synchronously
+(EventsWriter, summary protos): its SummaryWriter queues events for a thread, and its flush() does not
+wait for that queue, so an event written just before a kill or a read could be missing. For a workdir
+in a cloud bucket note that its GCS writer re-uploads the whole event file at every flush.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import socket
-import struct
 import time
 from types import TracebackType
 
 import numpy as np
-from PIL import Image
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
 
 EVENT_FILE_PREFIX = "events.out.tfevents"
 JSONL_NAME = "metrics.jsonl"
-FILE_VERSION = "brain.Event:2"
 RESERVED_JSON_KEYS = ("step", "time")
-
-# --- CRC32C (Castagnoli), reflected polynomial 0x82F63B78 ---------------------------------------------------------
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC32C of `data` (table-driven, one byte per step; fast enough for per-log-line records)."""
-    table = _CRC32C_TABLE  # local name: avoids a global lookup per byte
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotate right by 15 and add a constant, so CRCs of CRCs don't degenerate."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord-framed record holding `data`."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-# --- Minimal protobuf encoding -------------------------------------------------------------------------------------
-
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64 are encoded as their 64-bit two's complement
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
-def _bytes_field(field: int, data: bytes) -> bytes:
-    return _key(field, _BYTES) + _varint(len(data)) + data
-
-
-def _int_field(field: int, value: int) -> bytes:
-    return _key(field, _VARINT) + _varint(value)
-
-
-def _image_proto(png: bytes, height: int, width: int, channels: int) -> bytes:
-    # colorspace follows the channel count: 1 grayscale, 3 RGB, 4 RGBA.
-    return _int_field(1, height) + _int_field(2, width) + _int_field(3, channels) + _bytes_field(4, png)
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-    return _bytes_field(1, tag.encode()) + _key(2, _FIXED32) + struct.pack("<f", value)
-
-
-def _image_value(tag: str, image_proto: bytes) -> bytes:
-    return _bytes_field(1, tag.encode()) + _bytes_field(4, image_proto)
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None, values: list[bytes] | None = None) -> bytes:
-    out = _key(1, _FIXED64) + struct.pack("<d", wall_time) + _int_field(2, step)
-    if file_version is not None:
-        out += _bytes_field(3, file_version.encode())
-    if values:
-        out += _bytes_field(5, b"".join(_bytes_field(1, v) for v in values))
-    return out
-
-
-# --- Images --------------------------------------------------------------------------------------------------------
 
 
 def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
@@ -162,61 +63,37 @@ def _to_uint8_hwc(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 (H, W, C) image, C in {1, 3, 4}."""
-    pixels = image[:, :, 0] if image.shape[-1] == 1 else image  # pillow wants grayscale as 2-D
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# --- Writer --------------------------------------------------------------------------------------------------------
-
-
 def _json_safe(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def _open_new_event_file(logdir: str) -> tuple[str, io.BufferedWriter]:
-    """Creates a fresh event file; never reuses one, so a resumed run appends a new file next to the old ones.
-
-    TensorBoard reads every file whose name contains "tfevents", in name order; the zero-padded time keeps name
-    order chronological. The pid and counter avoid clashes between runs started within the same second.
-    """
-    stem = f"{EVENT_FILE_PREFIX}.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-    for counter in range(1000):
-        path = os.path.join(logdir, f"{stem}.{counter}")
-        try:
-            return path, open(path, "xb")
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new event file named {stem}.* in {logdir}")
 
 
 class MetricWriter:
     """Writes scalars and images for TensorBoard and scalars to `<logdir>/metrics.jsonl`.
 
     Every write is flushed to the OS straight away, so killing the process loses nothing already written.
-    With `enabled=False` (non-zero processes in multi-host training) no file is created and every method is a no-op.
+    Each writer opens a new event file (a resumed run appends one beside the old ones; TensorBoard reads
+    them all). With `enabled=False` (non-zero processes in multi-host training) no file is created and
+    every method is a no-op.
     """
 
     def __init__(self, logdir: str, enabled: bool = True) -> None:
         self.logdir = logdir
         self.enabled = enabled
-        self.event_path: str | None = None
-        self._events: io.BufferedWriter | None = None
-        self._jsonl: io.TextIOWrapper | None = None
+        self._events: EventsWriter | None = None
+        self._jsonl = None
         if not enabled:
             return
         os.makedirs(logdir, exist_ok=True)
-        self.event_path, self._events = _open_new_event_file(logdir)
+        # Named by the second and the host; the suffix keeps writers apart, in the order they started.
+        self._events = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
         self._jsonl = open(os.path.join(logdir, JSONL_NAME), "a", encoding="utf-8")
-        self._write_event(_event(time.time(), 0, file_version=FILE_VERSION))
 
-    def _write_event(self, event: bytes) -> None:
+    def _write(self, step: int, wall_time: float, summaries: list[Summary]) -> None:
+        """One event holding every value of `summaries`, flushed to the OS."""
         if self._events is None:
             raise ValueError("MetricWriter is closed")
-        self._events.write(tfrecord(event))
+        values = [value for s in summaries for value in s.value]
+        self._events.write_event(Event(wall_time=wall_time, step=step, summary=Summary(value=values)))
         self._events.flush()
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -228,33 +105,30 @@ class MetricWriter:
             raise ValueError(f"scalar names {clash} clash with metrics.jsonl's own keys {RESERVED_JSON_KEYS}")
         # float() also pulls numpy/JAX scalars to the host.
         values = {tag: float(value) for tag, value in scalars.items()}
-        wall_time = time.time()
-        step = int(step)
-        self._write_event(_event(wall_time, step, values=[_scalar_value(t, v) for t, v in values.items()]))
+        wall_time, step = time.time(), int(step)
+        self._write(step, wall_time, [summary.scalar(tag, value) for tag, value in values.items()])
         record = {"step": step, "time": wall_time, **{t: _json_safe(v) for t, v in values.items()}}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
 
     def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
-        """Writes PNG images at `step`: (H, W), (H, W, C) or (N, H, W, C) (tiled with image_grid).
+        """Writes PNG images at `step`: (H, W), (H, W, C) or (N, H, W, C) (tiled with image_grid), C in 1/3/4.
 
         uint8 is taken as is; any other dtype as [0, 1] floats (clipped, NaN -> 0).
         """
         if not self.enabled:
             return
-        values = []
-        for tag, image in images.items():
-            pixels = _to_uint8_hwc(image)
-            height, width, channels = pixels.shape
-            values.append(_image_value(tag, _image_proto(encode_png(pixels), height, width, channels)))
-        self._write_event(_event(time.time(), int(step), values=values))
+        pixels = {tag: _to_uint8_hwc(image) for tag, image in images.items()}  # every shape checked first
+        self._write(int(step), time.time(), [summary.image(tag, image, dataformats="HWC")
+                                             for tag, image in pixels.items()])
 
     def flush(self) -> None:
         """Pushes written data to disk (fsync), beyond the per-write flush to the OS."""
-        for f in (self._events, self._jsonl):
-            if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
+        if self._events is None:
+            return
+        self._events.flush()
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
 
     def close(self) -> None:
         """Flushes and closes the files; calling it again does nothing."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sdjax.conditioning import encode_text, unet_call
 from sdjax.models.clip import contrastive_loss
 from sdjax.schedulers.base import ScheduleConfig, alphas_cumprod
 from sdjax.train.loss import min_snr_weights, noise_latents, prediction_target, sample_noise, weighted_mse
@@ -37,34 +38,35 @@ def _latent_shape(vae, batch: dict) -> tuple[int, ...]:
     return (pixels.shape[0], pixels.shape[1] // factor, pixels.shape[2] // factor, vae.config.latent_channels)
 
 
-def diffusion_objective(sd, config: ml_collections.ConfigDict) -> Objective:
-    """The noise-prediction loss of latent diffusion for `sd`'s UNet (VAE frozen). The batch holds
-    "pixels" to encode, or the posterior's "latent_mean" and "latent_logvar" cached by an earlier
-    encode (sdjax.data.latent_cache): the same latents, sampled with the same draws."""
-    schedule = ScheduleConfig.from_dict(sd.scheduler_config)
+def diffusion_objective(model, config: ml_collections.ConfigDict) -> Objective:
+    """The noise-prediction loss of latent diffusion for `model`'s UNet (VAE frozen). The batch holds the
+    token ids of each tokenizer (sdjax.conditioning.tokenizer_fn), and "pixels" to encode or the
+    posterior's "latent_mean" and "latent_logvar" cached by an earlier encode (sdjax.data.latent_cache):
+    the same latents, sampled with the same draws."""
+    schedule = ScheduleConfig.from_dict(model.scheduler_config)
     abar = jnp.asarray(alphas_cumprod(schedule))
     num_timesteps, prediction_type = schedule.num_train_timesteps, schedule.prediction_type
-    scale = sd.vae.config.scaling_factor
+    vae, scale = model.vae, model.vae.config.scaling_factor
     loss_cfg = config.loss
 
     def draws(key: jax.Array, batch: dict) -> dict[str, jax.Array]:
-        shape = _latent_shape(sd.vae, batch)
+        shape = _latent_shape(vae, batch)
         k_post, k_t, k_noise = jax.random.split(key, 3)
         return {"posterior": jax.random.normal(k_post, shape),
                 "timesteps": jax.random.randint(k_t, (shape[0],), 0, num_timesteps),
                 "noise": sample_noise(k_noise, shape, loss_cfg.offset_noise)}
 
     def loss(networks: dict[str, Any], batch: dict, rand: dict) -> jax.Array:
-        context = sd.text_encoder.apply({"params": networks["text_encoder"]}, batch["input_ids"])[0]
+        cond = encode_text(model, networks, batch)
         if "latent_mean" in batch:
             mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         else:
-            mean, logvar = sd.vae.apply({"params": networks["vae"]}, batch["pixels"], method="encode")
+            mean, logvar = vae.apply({"params": networks["vae"]}, batch["pixels"], method="encode")
         latents = jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * rand["posterior"]) * scale)
         latents = latents.astype(jnp.float32)
         timesteps, noise = rand["timesteps"], rand["noise"]
         noisy = noise_latents(latents, timesteps, noise, abar)
-        prediction = sd.unet.apply({"params": networks["unet"]}, noisy, timesteps, context)
+        prediction = unet_call(model, networks)(noisy, timesteps, cond)
         target = prediction_target(latents, noise, timesteps, abar, prediction_type)
         weights = min_snr_weights(timesteps, abar, loss_cfg.min_snr_gamma, prediction_type)
         return weighted_mse(prediction, target, weights)

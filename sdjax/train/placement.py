@@ -16,24 +16,25 @@ from sdjax.train.optimizer import AdamW
 from sdjax.train.step import TrainState, init_state
 
 
-def state_shardings(networks: dict[str, nn.Module], config: ml_collections.ConfigDict,
+def state_shardings(networks: dict[str, nn.Module], trained: tuple[str, ...], config: ml_collections.ConfigDict,
                     tx: AdamW, mesh: Mesh) -> tuple[Any, Any]:
-    """(abstract TrainState, its NamedShardings) of a run over `networks` under config.mesh.rules."""
+    """(abstract TrainState, its NamedShardings) of a run over `networks`, training those named
+    `trained`, under config.mesh.rules."""
     abstract = {n: abstract_params(m) for n, m in networks.items()}
-    state = jax.eval_shape(lambda p: init_state(p, config, tx), abstract)
+    state = jax.eval_shape(lambda p: init_state(p, trained, config, tx), abstract)
     logical = {n: logical_axes(m) for n, m in networks.items()}
     return state, tree_shardings(state, logical, mesh, config.mesh.rules)
 
 
-def create_state(networks: dict[str, nn.Module], params: dict[str, Any], config: ml_collections.ConfigDict,
-                 tx: AdamW, mesh: Mesh) -> tuple[TrainState, Any]:
+def create_state(networks: dict[str, nn.Module], params: dict[str, Any], trained: tuple[str, ...],
+                 config: ml_collections.ConfigDict, tx: AdamW, mesh: Mesh) -> tuple[TrainState, Any]:
     """The step-0 state, created sharded: networks in `params` (host arrays from files) are placed
     shard by shard, the others initialised inside the same jit whose outputs are sharded.
     Returns (state, shardings)."""
-    _, shardings = state_shardings(networks, config, tx, mesh)
+    _, shardings = state_shardings(networks, trained, config, tx, mesh)
     placed = {n: place_params(p, networks[n], mesh, config.mesh.rules) for n, p in params.items()}
     fresh = {n: m for n, m in networks.items() if n not in params}
-    make = jax.jit(lambda loaded: init_state({**loaded, **initial_params(fresh, config.seed)}, config, tx),
+    make = jax.jit(lambda loaded: init_state({**loaded, **initial_params(fresh, config.seed)}, trained, config, tx),
                    out_shardings=shardings)
     return make(placed), shardings
 

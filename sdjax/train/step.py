@@ -36,24 +36,11 @@ class TrainState(flax.struct.PyTreeNode):
     frozen: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
-TASKS = ("unet", "vae", "clip", "tokenizer")
-
-
-def trained_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The networks a run of config.task trains (the others it uses stay frozen)."""
-    if config.task == "unet":
-        return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
-    if config.task in ("vae", "clip"):
-        return (config.task,)
-    if config.task == "tokenizer":
-        return ()
-    raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config.task!r}")
-
-
-def init_state(params: dict[str, Any], config: ml_collections.ConfigDict,
+def init_state(params: dict[str, Any], trained_names: tuple[str, ...], config: ml_collections.ConfigDict,
                tx: AdamW) -> TrainState:
-    """The step-0 state from the networks' parameters (jittable, so it can run with sharded outputs)."""
-    names = trained_names(config)
+    """The step-0 state from the networks' parameters, training those named `trained_names` (jittable,
+    so it can run with sharded outputs)."""
+    names = tuple(trained_names)
     trained = {n: params[n] for n in names}
     return TrainState(step=jnp.int32(0), params=trained, opt_state=tx.init(trained),
                       ema=jax.tree.map(jnp.copy, trained),
@@ -68,10 +55,10 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1 + step) / (10 + step))
 
 
-def make_train_step(sd, config: ml_collections.ConfigDict, tx: AdamW,
+def make_train_step(model, config: ml_collections.ConfigDict, tx: AdamW,
                     param_shardings: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The UNet's diffusion step for `sd` (see `make_step`)."""
-    return make_step(diffusion_objective(sd, config), config, tx, param_shardings)
+    """The UNet's diffusion step for `model` (a sdjax.Model; see `make_step`)."""
+    return make_step(diffusion_objective(model, config), config, tx, param_shardings)
 
 
 def make_step(objective: Objective, config: ml_collections.ConfigDict, tx: AdamW,

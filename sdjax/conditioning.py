@@ -1,0 +1,111 @@
+"""Text conditioning as one piece: prompts -> token ids per tokenizer -> (context sequence, pooled embedding).
+
+A model conditions on one or more (tokenizer, text encoder) pairs of its folder:
+
+    SD 1.x/2.x    tokenizer + text_encoder: the last hidden state after the final LayerNorm
+    SDXL base     tokenizer + text_encoder and tokenizer_2 + text_encoder_2: each one's penultimate hidden
+                  state, concatenated on features (768 + 1280); pooled: text_encoder_2's projected EOS
+    SDXL refiner  tokenizer_2 + text_encoder_2 alone, the same way
+
+A UNet with SDXL's added conditioning also takes time ids (sizes and crop, or the aesthetic score),
+which the sampler or the training batch supplies with the text. Sampling, training, plan.py and the
+benchmarks all go through `tokenizer_fn`, `encode_text` and `unet_call`, so a family changes this
+file, not its callers.
+
+Token ids travel as a dict keyed by batch name: the ids of tokenizer `tokenizer` as "input_ids", of
+`tokenizer_2` as "input_ids_2", the keys the data pipeline's batches use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.tokenizer import tokenize
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoding:
+    """One (tokenizer, text encoder) pair of a model folder and what the conditioning takes from it."""
+
+    tokenizer: str         # component names in the folder
+    encoder: str
+    hidden_layer: int | None = None  # None: the last hidden state (final LayerNorm); k: hidden_states[k]
+    pooled: bool = False   # contributes the pooled embedding
+
+    @property
+    def ids(self) -> str:
+        """The batch key of this tokenizer's ids: input_ids, input_ids_2, ..."""
+        return "input_ids" + self.tokenizer.removeprefix("tokenizer")
+
+
+def text_encodings(networks: Sequence[str]) -> tuple[TextEncoding, ...]:
+    """The text pairs of a model with these networks (component names); text_encoder's tokenizer is
+    `tokenizer`, text_encoder_2's `tokenizer_2`, as diffusers names them."""
+    if "text_encoder_2" in networks:  # SDXL: the penultimate layers, the pooled output of the second
+        first = (TextEncoding("tokenizer", "text_encoder", -2),) if "text_encoder" in networks else ()
+        return first + (TextEncoding("tokenizer_2", "text_encoder_2", -2, pooled=True),)
+    if "text_encoder" in networks:
+        return (TextEncoding("tokenizer", "text_encoder"),)
+    raise ValueError(f"no text encoder among the networks {sorted(networks)}")
+
+
+class Conditioning(NamedTuple):
+    """What the UNet is conditioned on, per image. A pytree: guidance concatenates it leaf by leaf."""
+
+    context: jax.Array                # (N, L, D): the cross-attention sequence
+    pooled: jax.Array | None = None   # (N, P): the pooled text embedding (SDXL)
+    time_ids: jax.Array | None = None  # (N, n): SDXL's micro-conditioning (see unet_call)
+
+
+class TokenizerFn:
+    """prompts -> {batch key: int32 ids (N, L)} for each of a model's tokenizers. A plain object so that
+    grain's worker processes can pickle it (it holds the tokenizers, not the model or its weights)."""
+
+    def __init__(self, tokenizers: Mapping[str, tuple[Any, int]]):
+        self.tokenizers = dict(tokenizers)  # batch key -> (tokenizer, sequence length)
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        return {key: tokenize(tok, list(prompts), length) for key, (tok, length) in self.tokenizers.items()}
+
+
+def tokenizer_fn(model) -> TokenizerFn:
+    """The tokenizers of `model` (a sdjax.Model), each padding to its encoder's max_position_embeddings."""
+    return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer],
+                                  model.networks[enc.encoder].config.max_position_embeddings)
+                        for enc in model.text})
+
+
+def abstract_ids(model, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of `tokenizer_fn(model)`'s output for `batch` prompts (for lowering without data)."""
+    return {enc.ids: jax.ShapeDtypeStruct((batch, model.networks[enc.encoder].config.max_position_embeddings),
+                                          jnp.int32) for enc in model.text}
+
+
+def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) -> Conditioning:
+    """Token ids (as from `tokenizer_fn`) -> Conditioning, with `params` holding each text encoder's."""
+    contexts, pooled = [], None
+    for enc in model.text:
+        module = model.networks[enc.encoder]
+        hidden, pool = module.apply({"params": params[enc.encoder]}, ids[enc.ids], enc.hidden_layer)
+        contexts.append(hidden)
+        if enc.pooled:
+            pooled = pool
+    context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=-1)
+    return Conditioning(context, pooled)
+
+
+def takes_added_conditions(model) -> bool:
+    """Whether `model`'s UNet takes SDXL's pooled embedding and time ids."""
+    return model.unet.config.addition_embed_type == "text_time"
+
+
+def unet_call(model, params: Mapping[str, Any]) -> Callable[[jax.Array, jax.Array, Conditioning], jax.Array]:
+    """unet_fn(x, t, conditioning) -> the prediction of `model`'s UNet with `params["unet"]`."""
+    unet, variables = model.unet, {"params": params["unet"]}
+    if takes_added_conditions(model):
+        return lambda x, t, cond: unet.apply(variables, x, t, cond.context, cond.pooled, cond.time_ids)
+    return lambda x, t, cond: unet.apply(variables, x, t, cond.context)

@@ -1,0 +1,140 @@
+"""SDXL base and refiner networks against diffusers/transformers (PyTorch) on tiny random checkpoints: both text
+encoders, the prompt embeddings as diffusers assembles them, the UNet with added conditioning, export."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
+
+import sdjax
+from sdjax import CheckpointError
+from sdjax.conditioning import Conditioning, encode_text, unet_call
+
+PROMPTS = ["a red circle", "ciron ed on a blue square, with a long tail of words"]
+KINDS = ("base", "refiner")
+
+
+def _rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _pipeline(folder: str, kind: str):
+    import diffusers
+
+    cls = diffusers.StableDiffusionXLPipeline if kind == "base" else diffusers.StableDiffusionXLImg2ImgPipeline
+    return cls.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(sdxl_checkpoints):
+    return {kind: sdjax.load(folder) for kind, (folder, _) in sdxl_checkpoints.items()}
+
+
+def test_components_come_from_model_index(loaded):
+    assert set(loaded["base"].model.networks) == {"text_encoder", "text_encoder_2", "unet", "vae"}
+    assert set(loaded["base"].model.tokenizers) == {"tokenizer", "tokenizer_2"}
+    assert set(loaded["refiner"].model.networks) == {"text_encoder_2", "unet", "vae"}
+    assert [e.encoder for e in loaded["refiner"].model.text] == ["text_encoder_2"]
+
+
+def test_text_encoders_match_transformers(sdxl_checkpoints, loaded):
+    """Every hidden state SDXL uses (the penultimate) and the projected pooled output, to 1e-4."""
+    ref = sdxl_checkpoints["base"][1]
+    sd = loaded["base"]
+    ids = sd.tokenize(PROMPTS)
+    for name, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
+        with torch.no_grad():
+            out = ref[name](torch.from_numpy(ids[key]).long(), output_hidden_states=True)
+        module, params = sd.model.networks[name], {"params": sd.params[name]}
+        hidden, pooled = jax.jit(module.apply, static_argnums=2)(params, ids[key], -2)
+        assert _rel(hidden, out.hidden_states[-2]) <= 1e-4, name
+        last, _ = jax.jit(module.apply)(params, ids[key])
+        assert _rel(last, out.last_hidden_state) <= 1e-4, name
+        if name == "text_encoder_2":
+            assert pooled.shape == (2, 24)
+            assert _rel(pooled, out.text_embeds) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_embeddings_match_diffusers(sdxl_checkpoints, loaded, kind):
+    """sdjax.conditioning gives diffusers' encode_prompt: both tokenizers' padding, the penultimate layers
+    concatenated (base) or alone (refiner), the pooled embedding of text_encoder_2."""
+    pipe = _pipeline(sdxl_checkpoints[kind][0], kind)
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)
+    sd = loaded[kind]
+    cond = jax.jit(lambda p, ids: encode_text(sd.model, p, ids))(dict(sd.params), sd.tokenize(PROMPTS))
+    assert cond.context.shape == tuple(context.shape) == (2, 77, 72 if kind == "base" else 40)
+    assert _rel(cond.context, context) <= 1e-4
+    assert _rel(cond.pooled, pooled) <= 1e-4
+
+
+def _unet_inputs(kind: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    width, ids = (72, 6) if kind == "base" else (40, 5)
+    latents = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    context = rng.standard_normal((2, 77, width)).astype(np.float32)
+    pooled = rng.standard_normal((2, 24)).astype(np.float32)
+    # Not diffusers' defaults: original size, crop corner, target size (base) or aesthetic score (refiner).
+    time_ids = (np.asarray([[768, 512, 16, 48, 1024, 896], [300, 1000, 0, 8, 512, 512]], np.float32) if kind == "base"
+                else np.asarray([[768, 512, 16, 48, 6.0], [300, 1000, 0, 8, 2.5]], np.float32))
+    return latents, np.asarray([999, 37]), context, pooled, time_ids
+
+
+def _reference_unet(unet, latents, t, context, pooled, time_ids) -> np.ndarray:
+    with torch.no_grad():
+        out = unet(torch.from_numpy(latents).permute(0, 3, 1, 2), torch.from_numpy(t),
+                   encoder_hidden_states=torch.from_numpy(context),
+                   added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)})
+    return out.sample.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unet_with_added_conditioning_matches_diffusers(sdxl_checkpoints, loaded, kind):
+    sd, ref = loaded[kind], sdxl_checkpoints[kind][1]["unet"]
+    latents, t, context, pooled, time_ids = _unet_inputs(kind)
+    ours = jax.jit(lambda p, x, t, c: unet_call(sd.model, p)(x, t, c))(
+        dict(sd.params), latents, t, Conditioning(context, pooled, time_ids))
+    expected = _reference_unet(ref, latents, t, context, pooled, time_ids)
+    assert _rel(ours, expected) <= 1e-4
+    # The tiny random UNet is not blind to the added conditioning: changing the time ids or the pooled
+    # embedding moves diffusers' own output by far more than the tolerance.
+    moved_ids = _reference_unet(ref, latents, t, context, pooled, time_ids * 0.5)
+    moved_pooled = _reference_unet(ref, latents, t, context, -pooled, time_ids)
+    assert _rel(moved_ids, expected) > 100 * 1e-4 and _rel(moved_pooled, expected) > 100 * 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_reimports_bit_for_bit_and_loads_in_diffusers(sdxl_checkpoints, loaded, kind, tmp_path):
+    sd, ref = loaded[kind], sdxl_checkpoints[kind][1]
+    out = str(tmp_path / kind)
+    sd.save(out)
+    again = sdjax.load(out)
+    assert set(again.params) == set(sd.params)
+    for a, b in zip(jax.tree.leaves(dict(sd.params)), jax.tree.leaves(dict(again.params))):
+        np.testing.assert_array_equal(a, b)
+    pipe = _pipeline(out, kind)
+    for name in ("unet", "vae", "text_encoder_2") + (("text_encoder",) if kind == "base" else ()):
+        got, want = getattr(pipe, name).state_dict(), ref[name].state_dict()
+        assert set(got) == set(want), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert pipe.tokenizer_2("a red circle")["input_ids"] == ref["tokenizer_2"]("a red circle")["input_ids"]
+
+
+def test_sdxl_folder_without_text_encoder_2_is_refused(sdxl_checkpoints, tmp_path):
+    folder = str(tmp_path / "broken")
+    shutil.copytree(sdxl_checkpoints["base"][0], folder)
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as f:
+        value = json.load(f)
+    value["text_encoder_2"] = [None, None]
+    with open(index, "w") as f:
+        json.dump(value, f)
+    with pytest.raises(CheckpointError, match=r"model_index.json: component 'text_encoder_2' is missing"):
+        sdjax.load(folder)
