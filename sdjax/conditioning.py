@@ -109,3 +109,50 @@ def unet_call(model, params: Mapping[str, Any]) -> Callable[[jax.Array, jax.Arra
     if takes_added_conditions(model):
         return lambda x, t, cond: unet.apply(variables, x, t, cond.context, cond.pooled, cond.time_ids)
     return lambda x, t, cond: unet.apply(variables, x, t, cond.context)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and crop conditioning of one side of guidance (diffusers' names and defaults):
+    original_size and target_size default to the image's (height, width), the crop to (0, 0); the
+    refiner takes an aesthetic score instead of the target size."""
+
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+
+
+def _pair(name: str, value: Any, minimum: int) -> tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum for v in value)):
+        kind = "positive" if minimum > 0 else "non-negative"
+        raise ValueError(f"{name}: expected a pair of {kind} integers (height, width), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def uses_aesthetic_score(model) -> bool:
+    """Whether `model`'s UNet takes an aesthetic score in place of the target size (SDXL's refiner)."""
+    return bool(model.model_index.get("requires_aesthetics_score", False))
+
+
+def time_ids(model, micro: MicroConditioning, height: int, width: int, prefix: str = "") -> np.ndarray:
+    """The time ids (float32 (n,)) of `micro` for a height x width image, checked against `model`'s UNet:
+    original size + crop top-left + target size (base), or + aesthetic score (refiner)."""
+    original = _pair(prefix + "original_size", micro.original_size or (height, width), 1)
+    crop = _pair(prefix + "crops_coords_top_left", micro.crops_coords_top_left, 0)
+    if uses_aesthetic_score(model):
+        if not np.isfinite(micro.aesthetic_score):
+            raise ValueError(f"{prefix}aesthetic_score must be a finite number, got {micro.aesthetic_score}")
+        last = (float(micro.aesthetic_score),)
+    else:
+        last = _pair(prefix + "target_size", micro.target_size or (height, width), 1)
+    ids = np.asarray(original + crop + last, np.float32)
+    cfg = model.unet.config
+    pooled = sum(model.networks[e.encoder].config.projection_dim for e in model.text if e.pooled)
+    if pooled + len(ids) * cfg.addition_time_embed_dim != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"the UNet takes {cfg.projection_class_embeddings_input_dim} added features, not the "
+                         f"{pooled} pooled + {len(ids)} time ids x {cfg.addition_time_embed_dim} of "
+                         f"{'an aesthetic score' if uses_aesthetic_score(model) else 'a target size'}: "
+                         "model_index.json's requires_aesthetics_score does not match the UNet")
+    return ids

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.conditioning import encode_text, unet_call
+from sdjax.conditioning import (MicroConditioning, encode_text, takes_added_conditions, time_ids, unet_call,
+                                uses_aesthetic_score)
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
 
@@ -92,6 +93,10 @@ class Plan:
     guidance_rescale: float
     start: int           # first loop index (img2img and inpainting skip the noisiest steps)
     mode: str            # one of MODES
+    end: int = -1        # loop index to stop before (denoising_end); -1: run to the end
+    add_noise: bool = True      # img2img noises its init latents to the start step (not at a hand-off)
+    zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: zero unconditional embeddings
+    output: str = "images"       # "images", or "latents" (scaled, undecoded: a hand-off to a refiner)
 
 
 def noise_coefficients(sched: Scheduler) -> tuple[np.ndarray, np.ndarray]:
@@ -118,9 +123,18 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
         eps = per_image_normal(stream(keys, name), mean.shape[1:], mean.dtype)
         return (mean + jnp.exp(0.5 * logvar) * eps) * scale
 
-    def program(params, ids, neg_ids, keys, guidance_scale, noise, init_images, masks):
-        cond = encode_text(model, params, ids)
-        uncond = encode_text(model, params, neg_ids) if plan.guided else None
+    def program(params, guidance_scale, inputs):
+        """inputs: per-image arrays: ids, neg_ids (dicts by batch key), keys, noise; init_images, masks,
+        init_latents for the modes that take them; time_ids, neg_time_ids for SDXL's UNets."""
+        keys, noise = inputs["keys"], inputs["noise"]
+        init_images, masks = inputs.get("init_images"), inputs.get("masks")
+        cond = encode_text(model, params, inputs["ids"])._replace(time_ids=inputs.get("time_ids"))
+        uncond = None
+        if plan.guided:
+            uncond = encode_text(model, params, inputs["neg_ids"])._replace(time_ids=inputs.get("neg_time_ids"))
+            if plan.zero_negative:
+                uncond = uncond._replace(context=jnp.zeros_like(uncond.context),
+                                         pooled=None if uncond.pooled is None else jnp.zeros_like(uncond.pooled))
         extra = None
         if plan.mode == "inpaint":
             keep = (masks < 0.5).astype(init_images.dtype)[..., None]
@@ -141,11 +155,14 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
         if plan.mode == "txt2img":
             latents = noise * sched.init_noise_sigma
         else:
-            init = encode(params, init_images * 2 - 1, keys, "posterior")
+            init = (inputs["init_latents"] if "init_latents" in inputs
+                    else encode(params, init_images * 2 - 1, keys, "posterior"))
             if plan.mode == "inpaint" and plan.start == 0:  # strength 1: pure noise, as diffusers does
                 latents = noise * sched.init_noise_sigma
-            else:
+            elif plan.add_noise:
                 latents = sched.add_noise(init, noise, plan.start)
+            else:  # a hand-off: the latents are already at the start step's noise level
+                latents = init
             if plan.mode == "inpaint" and not conditioned_unet:
                 # Regular UNet: after each step, put back the kept region noised to the next step's level.
                 a, b = (jnp.asarray(c) for c in noise_coefficients(sched))
@@ -155,7 +172,10 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
 
                 post_step = blend
 
-        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step)
+        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step,
+                          None if plan.end < 0 else plan.end)
+        if plan.output == "latents":
+            return jnp.where(jnp.isfinite(latents), latents, jnp.nan)
         images = (vae.apply({"params": params["vae"]}, latents / scale, method="decode").astype(jnp.float32) + 1) / 2
         # Non-finite values become NaN, which clipping keeps (it would turn +inf into a white pixel), so
         # the host can refuse the image instead of writing it.
@@ -191,7 +211,9 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
              scheduler: str | None = None, scheduler_options: dict[str, Any] | None = None, height: int | None = None,
              width: int | None = None, seed: int | Sequence[int] = 0, latents: np.ndarray | None = None,
              init_image: np.ndarray | None = None, strength: float | None = None, mask: np.ndarray | None = None,
-             mesh: Any = None, rules: Any = None) -> np.ndarray:
+             init_latents: np.ndarray | None = None, denoising_start: float | None = None,
+             denoising_end: float | None = None, output: str = "images", micro: MicroConditioning | None = None,
+             negative_micro: MicroConditioning | None = None, mesh: Any = None, rules: Any = None) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1], one per prompt, from `model` (a sdjax.Model) with `params`.
     Raises ValueError for bad arguments (before any compute) and SamplingError if an image comes out
     non-finite.
@@ -212,6 +234,16 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
       mask: inpainting mask (N, H, W) or (N, H, W, 1), binarised at 0.5: 1 = repaint, 0 = keep.
         A regular UNet blends the kept region back after every step; a 9-channel inpainting
         UNet gets the mask and the masked image's latents as extra input channels.
+      init_latents: img2img from scaled latents (N, H/8, W/8, 4) instead of an image, e.g. a base
+        model's output="latents" for a refiner.
+      denoising_end / denoising_start: in (0, 1), SDXL's base -> refiner hand-off (diffusers' meaning):
+        the base stops (with output="latents") once the timesteps fall below the cutoff, the refiner
+        starts there from init_latents without adding noise (strength is then ignored).
+      output: "images", or "latents": the scaled latents, undecoded.
+      micro / negative_micro: SDXL's size and crop conditioning (sdjax.conditioning.MicroConditioning)
+        of the prompt and of the negative side; defaults as diffusers'. Only for UNets that take it.
+      negative_prompts None on a model whose model_index.json sets force_zeros_for_empty_prompt (SDXL)
+        gives zero unconditional embeddings, as diffusers does; [""] * N encodes the empty prompt.
       mesh / rules: run with the image batch split over the mesh's batch axes (its size must divide
         the batch), `params` placed on it as StableDiffusion.shard places them.
     """
@@ -219,17 +251,25 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
     if not prompts:
         raise ValueError("prompts: empty list; give at least one prompt")
     n = len(prompts)
+    # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero unconditional embeddings.
+    zero_negative = negative_prompts is None and bool(model.model_index.get("force_zeros_for_empty_prompt", False))
     negative_prompts = [""] * n if negative_prompts is None else list(negative_prompts)
     if len(negative_prompts) != n:
         raise ValueError(f"negative_prompts: {len(negative_prompts)} given for {n} prompts")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale),
-                        ("strength", strength)):
+                        ("strength", strength), ("denoising_start", denoising_start),
+                        ("denoising_end", denoising_end)):
         if value is not None and not np.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    if output not in ("images", "latents"):
+        raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     factor = model.vae.config.downscale
     default_side = model.unet.config.sample_size * factor
     height, width = height or default_side, width or default_side
@@ -243,19 +283,29 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         raise ValueError(f"seed {seed} + {n - 1} images is out of range: seeds are integers in [0, 2**64)")
     latent_shape = (height // factor, width // factor, model.vae.config.latent_channels)
 
-    mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
+    if init_image is not None and init_latents is not None:
+        raise ValueError("init_image and init_latents both given; give one")
+    mode = ("inpaint" if mask is not None else
+            "img2img" if init_image is not None or init_latents is not None else "txt2img")
     if mode == "inpaint" and init_image is None:
         raise ValueError("mask given without init_image; inpainting needs both")
+    if denoising_start is not None and mode == "txt2img":
+        raise ValueError("denoising_start given without init_latents or init_image to start from")
     if model.unet.config.in_channels != latent_shape[-1] and mode != "inpaint":
         raise ValueError(f"this UNet takes {model.unet.config.in_channels} input channels (an inpainting model); "
                          "give init_image and mask")
     init_image = _check_images("init_image", init_image, (n, height, width, 3), "N, height, width, RGB in [0, 1]")
+    init_latents = _check_images("init_latents", init_latents, (n,) + latent_shape,
+                                 "N, height/8, width/8, C: scaled latents, as output='latents' returns them")
     if mask is not None and np.ndim(mask) == 4 and np.shape(mask)[-1] == 1:
         mask = np.asarray(mask)[..., 0]
     mask = _check_images("mask", mask, (n, height, width), "N, height, width; 1 = repaint, 0 = keep")
     sched = make_scheduler(scheduler, model.scheduler_config, num_steps, **(scheduler_options or {}))
-    start = 0
-    if mode != "txt2img":
+    start, end = 0, -1
+    train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    if denoising_start is not None:  # a hand-off: start where the earlier model stopped, add no noise
+        start = first_step_after(sched, train_steps, denoising_start)
+    elif mode != "txt2img":
         strength = (1.0 if mode == "inpaint" else 0.8) if strength is None else strength
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -263,35 +313,83 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         if run_steps < 1:
             raise ValueError(f"strength {strength} with {num_steps} steps leaves no denoising step")
         start = (num_steps - run_steps) * sched.order
+    if denoising_end is not None:
+        end = steps_before(sched, train_steps, denoising_end)
+    if start >= (len(sched.timesteps) if end < 0 else end):
+        raise ValueError(f"denoising_start {denoising_start} / denoising_end {denoising_end} with {num_steps} steps "
+                         "leave no denoising step")
     if latents is None:
         latents = initial_noise(seeds, latent_shape)
     elif np.shape(latents) != (n,) + latent_shape:
         raise ValueError(f"latents has shape {np.shape(latents)}; expected {(n,) + latent_shape} (N, h, w, C)")
 
+    inputs = {"ids": model.tokenize(prompts), "neg_ids": model.tokenize(negative_prompts), "keys": image_keys(seeds),
+              "noise": np.asarray(latents, np.float32), "init_images": init_image, "masks": mask,
+              "init_latents": init_latents}
+    inputs.update(_time_ids(model, n, height, width, micro, negative_micro))
+    inputs = {k: v for k, v in inputs.items() if v is not None}
     plan = Plan(scheduler or "", num_steps, tuple(sorted((scheduler_options or {}).items())), n,
-                latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, mode)
+                latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, mode, end,
+                add_noise=denoising_start is None, zero_negative=zero_negative, output=output)
     if mesh is not None and rules is None:
         from sdjax.parallel import DEFAULT_RULES
 
         rules = tuple(DEFAULT_RULES)
     program = program_for(model, plan, sched, mesh, rules)
-    per_image = [model.tokenize(prompts), model.tokenize(negative_prompts), image_keys(seeds),
-                 np.asarray(latents, np.float32), init_image, mask]
     params = dict(params)
     from sdjax.parallel import activate, batch_divisor, batch_sharding, to_host
 
     if mesh is None:
-        return _finite(to_host(program(params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])),
-                       seeds)
+        return _finite(to_host(program(params, jnp.float32(guidance_scale), inputs)), seeds)
 
     ways = batch_divisor(mesh, rules)
     if n % ways:
         raise ValueError(f"{n} images cannot be split evenly over the {ways} ways the mesh splits the batch")
-    per_image = [jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)), x)
-                 for x in per_image]
+    inputs = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)), inputs)
     with activate(mesh, rules):
-        images = program(params, *per_image[:3], jnp.float32(guidance_scale), *per_image[3:])
+        images = program(params, jnp.float32(guidance_scale), inputs)
     return _finite(to_host(images), seeds)
+
+
+def _cutoff(total: int, fraction: float) -> int:
+    """diffusers' denoising_start/end threshold: the training timestep a fraction of the way to clean."""
+    return int(round(total - fraction * total))
+
+
+def first_step_after(sched: Scheduler, total: int, denoising_start: float) -> int:
+    """The loop index where a hand-off at `denoising_start` resumes: the first timestep below the cutoff
+    (for second-order schedulers, the first of a pair, as diffusers counts it)."""
+    timesteps = np.asarray(sched.timesteps)
+    remaining = int(np.sum(timesteps < _cutoff(total, denoising_start)))
+    if sched.order == 2 and remaining % 2 == 0:
+        remaining += 1
+    return len(timesteps) - remaining
+
+
+def steps_before(sched: Scheduler, total: int, denoising_end: float) -> int:
+    """The loop index where a run with `denoising_end` stops: the timesteps at or above the cutoff."""
+    return int(np.sum(np.asarray(sched.timesteps) >= _cutoff(total, denoising_end)))
+
+
+def _time_ids(model, n: int, height: int, width: int, micro: MicroConditioning | None,
+              negative_micro: MicroConditioning | None) -> dict[str, np.ndarray]:
+    """SDXL's time ids of both sides of guidance, per image; {} for a UNet without them. The negative
+    side defaults as diffusers' do: the positive ids (base), or the same sizes with crop (0, 0) and
+    aesthetic score 2.5 (refiner)."""
+    if not takes_added_conditions(model):
+        if micro is not None or negative_micro is not None:
+            raise ValueError("micro / negative_micro: this model's UNet takes no size or crop conditioning "
+                             "(only SDXL's does)")
+        return {}
+    micro = micro or MicroConditioning()
+    ids = time_ids(model, micro, height, width)
+    if negative_micro is None:
+        negative = (dataclasses.replace(micro, crops_coords_top_left=(0, 0), aesthetic_score=2.5)
+                    if uses_aesthetic_score(model) else None)
+    else:
+        negative = negative_micro
+    neg_ids = ids if negative is None else time_ids(model, negative, height, width, "negative_")
+    return {"time_ids": np.tile(ids, (n, 1)), "neg_time_ids": np.tile(neg_ids, (n, 1))}
 
 
 def _finite(images: np.ndarray, seeds: list[int]) -> np.ndarray:

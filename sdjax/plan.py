@@ -244,7 +244,8 @@ def plan_sampling(model: Model, mesh: Mesh, rules: Any, batch: int, size: int, s
     keys = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype, sharding=rows(1))
     scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
     noise = jax.ShapeDtypeStruct((batch, *latent), jnp.float32, sharding=rows(4))
-    args = (_with_shardings(abstract, shardings), ids, ids, keys, scale, noise, None, None)
+    inputs = {"ids": ids, "neg_ids": ids, "keys": keys, "noise": noise}
+    args = (_with_shardings(abstract, shardings), scale, inputs)
     compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules, f"sampling (batch {batch})")
     # XLA counts the denoising scan's body once; add the other iterations' model calls.
     per_step = model_call_flops(view, batch, latent, guidance_scale)

@@ -80,8 +80,9 @@ def test_one_scanned_program_per_shape(sd1):
         sd.generate(["a", "b"], num_steps=steps, scheduler="ddim", height=32, width=32)
         key = next(k for k in programs if k[0].num_steps == steps)
         ids = sd.tokenize(["a", "b"])
-        args = (dict(sd.params), ids, ids, jax.numpy.stack([jax.random.key(0)] * 2), 7.5,
-                np.zeros((2, 16, 16, 4), np.float32), None, None)
+        inputs = {"ids": ids, "neg_ids": ids, "keys": jax.numpy.stack([jax.random.key(0)] * 2),
+                  "noise": np.zeros((2, 16, 16, 4), np.float32)}
+        args = (dict(sd.params), 7.5, inputs)
         text = str(jax.make_jaxpr(programs[key])(*args))
         return text.count("conv_general_dilated"), "scan" in text
 

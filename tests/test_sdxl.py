@@ -138,3 +138,143 @@ def test_sdxl_folder_without_text_encoder_2_is_refused(sdxl_checkpoints, tmp_pat
         json.dump(value, f)
     with pytest.raises(CheckpointError, match=r"model_index.json: component 'text_encoder_2' is missing"):
         sdjax.load(folder)
+
+
+# --- sampling -----------------------------------------------------------------------------------------------------
+
+TOL = 2e-3  # max abs difference of images in [0, 1]
+NEGATIVE = ["blurry", "ciron"]
+SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}),
+              "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+              "ddim": ("DDIMScheduler", {})}
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _reference(folder: str, kind: str, scheduler: str | None = None):
+    import diffusers
+
+    pipe = _pipeline(folder, kind)
+    if scheduler is not None:
+        cls, options = SCHEDULERS[scheduler]
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_txt2img_matches_diffusers(sdxl_checkpoints, loaded, name):
+    """Base model, guidance 5, a negative prompt, non-default size and crop conditioning."""
+    from sdjax.conditioning import MicroConditioning
+    from sdjax.pipeline import initial_noise
+
+    folder = sdxl_checkpoints["base"][0]
+    noise = initial_noise([21, 22], (16, 16, 4))
+    micro = MicroConditioning(original_size=(96, 64), crops_coords_top_left=(8, 0), target_size=(32, 40))
+    options = {"dpmpp_2m": {"use_karras_sigmas": True}}.get(name)
+    ours = loaded["base"].generate(PROMPTS, NEGATIVE, num_steps=6, guidance_scale=5.0, scheduler=name,
+                                   scheduler_options=options, height=32, width=32, seed=21, latents=noise,
+                                   micro=micro)
+    ref = _reference(folder, "base", name)(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
+        latents=_nchw(noise), original_size=(96, 64), crops_coords_top_left=(8, 0), target_size=(32, 40),
+        output_type="np").images
+    assert ours.shape == ref.shape == (2, 32, 32, 3)
+    assert np.abs(ours - ref).max() < TOL
+    # The size conditioning reaches the images: diffusers' own output moves far more than the tolerance.
+    default = _reference(folder, "base", name)(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
+        latents=_nchw(noise), output_type="np").images
+    assert np.abs(default - ref).max() > 10 * TOL
+
+
+def test_no_negative_prompt_gives_zero_embeddings_as_diffusers(sdxl_checkpoints, loaded):
+    """force_zeros_for_empty_prompt: negative_prompts=None zeroes the unconditional side; "" encodes."""
+    from sdjax.pipeline import initial_noise
+
+    folder = sdxl_checkpoints["base"][0]
+    noise = initial_noise([5, 6], (16, 16, 4))
+    kwargs = dict(num_steps=4, guidance_scale=5.0, height=32, width=32, latents=noise)
+    zeros = loaded["base"].generate(PROMPTS, **kwargs)
+    empty = loaded["base"].generate(PROMPTS, ["", ""], **kwargs)
+    pipe = _reference(folder, "base")
+    ref_kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32, latents=_nchw(noise),
+                      output_type="np")
+    ref_zeros = pipe(PROMPTS, **ref_kwargs).images
+    ref_empty = pipe(PROMPTS, negative_prompt=["", ""], **ref_kwargs).images
+    assert np.abs(zeros - ref_zeros).max() < TOL and np.abs(empty - ref_empty).max() < TOL
+    assert np.abs(ref_zeros - ref_empty).max() > 10 * TOL
+
+
+def _fed_refiner(monkeypatch, posterior=None, noise=None):
+    """diffusers' SDXL img2img module, fed our posterior and noise draws."""
+    from diffusers.models.autoencoders import vae as diffusers_vae
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+
+    if posterior is not None:
+        monkeypatch.setattr(diffusers_vae.DiagonalGaussianDistribution, "sample",
+                            lambda self, generator=None: self.mean + self.std * _nchw(posterior))
+    if noise is not None:
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(noise))
+
+
+def test_refiner_img2img_matches_diffusers(sdxl_checkpoints, loaded, monkeypatch):
+    """The refiner (text_encoder_2 only, aesthetic score) at strength 0.6 from an image."""
+    from sdjax.conditioning import MicroConditioning
+    from sdjax.pipeline import initial_noise
+
+    folder = sdxl_checkpoints["refiner"][0]
+    seeds = [7, 8]
+    init = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    micro = MicroConditioning(aesthetic_score=7.5)
+    negative = MicroConditioning(aesthetic_score=1.5)
+    ours = loaded["refiner"].generate(PROMPTS, NEGATIVE, num_steps=10, guidance_scale=5.0, height=32, width=32,
+                                      seed=seeds, init_image=init, strength=0.6, micro=micro,
+                                      negative_micro=negative)
+    _fed_refiner(monkeypatch, initial_noise(seeds, (16, 16, 4), "posterior"), initial_noise(seeds, (16, 16, 4)))
+    pipe = _reference(folder, "refiner")
+    kwargs = dict(image=_nchw(init), negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0,
+                  strength=0.6, output_type="np")
+    ref = pipe(PROMPTS, aesthetic_score=7.5, negative_aesthetic_score=1.5, **kwargs).images
+    assert np.abs(ours - ref).max() < TOL
+    moved = pipe(PROMPTS, aesthetic_score=2.0, negative_aesthetic_score=1.5, **kwargs).images
+    assert np.abs(moved - ref).max() > 10 * TOL
+
+
+def test_base_to_refiner_hand_off_matches_diffusers(sdxl_checkpoints, loaded, monkeypatch):
+    """denoising_end 0.8 on the base (latents out), denoising_start 0.8 on the refiner (no noise added)."""
+    from sdjax.pipeline import initial_noise
+
+    base_folder, refiner_folder = sdxl_checkpoints["base"][0], sdxl_checkpoints["refiner"][0]
+    noise = initial_noise([31, 32], (16, 16, 4))
+    latents = loaded["base"].generate(PROMPTS, NEGATIVE, num_steps=10, guidance_scale=5.0, height=32, width=32,
+                                      seed=31, latents=noise, denoising_end=0.8, output="latents")
+    ours = loaded["refiner"].generate(PROMPTS, NEGATIVE, num_steps=10, guidance_scale=5.0, height=32, width=32,
+                                      seed=31, init_latents=latents, denoising_start=0.8)
+    ref_latents = _reference(base_folder, "base")(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
+        latents=_nchw(noise), denoising_end=0.8, output_type="latent").images
+    assert np.abs(latents - ref_latents.permute(0, 2, 3, 1).numpy()).max() < 1e-3
+    ref = _reference(refiner_folder, "refiner")(
+        PROMPTS, image=ref_latents, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0,
+        denoising_start=0.8, output_type="np").images
+    assert np.abs(ours - ref).max() < TOL
+
+
+def test_sdxl_sampling_bad_input(loaded):
+    from sdjax.conditioning import MicroConditioning
+
+    base, refiner = loaded["base"], loaded["refiner"]
+    kwargs = dict(num_steps=4, height=32, width=32)
+    with pytest.raises(ValueError, match=r"original_size: expected a pair of positive integers"):
+        base.generate(PROMPTS, micro=MicroConditioning(original_size=(0, 64)), **kwargs)
+    with pytest.raises(ValueError, match=r"negative_crops_coords_top_left: expected a pair of non-negative"):
+        base.generate(PROMPTS, negative_micro=MicroConditioning(crops_coords_top_left=(-1, 0)), **kwargs)
+    with pytest.raises(ValueError, match=r"denoising_end must be in \(0, 1\), got 1.0"):
+        base.generate(PROMPTS, denoising_end=1.0, **kwargs)
+    with pytest.raises(ValueError, match=r"denoising_start given without init_latents"):
+        refiner.generate(PROMPTS, denoising_start=0.5, **kwargs)
+    with pytest.raises(ValueError, match=r"init_latents has shape \(2, 8, 8, 4\); expected \(2, 16, 16, 4\)"):
+        refiner.generate(PROMPTS, init_latents=np.zeros((2, 8, 8, 4)), num_steps=4, height=32, width=32)

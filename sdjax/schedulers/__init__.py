@@ -6,6 +6,8 @@ the config's `_class_name`), `config` a diffusers scheduler_config dict.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any, Callable
 
 from sdjax.schedulers.base import Scheduler, ScheduleConfig, denoise, per_image_normal
@@ -42,18 +44,33 @@ def scheduler_name(config: dict[str, Any]) -> str:
                      f"pass one of: {', '.join(SCHEDULERS)}")
 
 
+# scheduler_config keys an option may override (diffusers' from_config(config, **overrides)), e.g.
+# use_karras_sigmas=True for "DPM++ 2M Karras": the common ones and those a family reads.
+CONFIG_OPTIONS = frozenset({f.name for f in dataclasses.fields(ScheduleConfig)} - {"raw"}) | frozenset({
+    "use_exponential_sigmas", "use_beta_sigmas", "final_sigmas_type", "sigma_min", "sigma_max", "solver_order",
+    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "lambda_min_clipped", "variance_type",
+    "skip_prk_steps", "disable_corrector", "timestep_type"})
+
+
 def make_scheduler(name: str | None, config: dict[str, Any], num_steps: int, **options) -> Scheduler:
-    """Builds scheduler `name` (default: the config's own family) for `num_steps` steps."""
+    """Builds scheduler `name` (default: the config's own family) for `num_steps` steps. `options` are the
+    family's own (e.g. eta for DDIM) or scheduler_config overrides (CONFIG_OPTIONS, e.g. use_karras_sigmas)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     name = name or scheduler_name(config)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
     family = SCHEDULERS[name][0]
+    own = set(inspect.signature(family.__init__).parameters) - {"self", "cfg", "num_steps"}
+    overrides = {k: v for k, v in options.items() if k not in own}
+    unknown = sorted(set(overrides) - CONFIG_OPTIONS)
+    if unknown:
+        raise ValueError(f"scheduler option {unknown[0]!r} is not one of {name}'s ({', '.join(sorted(own)) or 'none'}) "
+                         f"nor a scheduler_config key it reads")
     # Keys the config leaves out take the family's own defaults (as diffusers' from_config does),
     # e.g. a PNDM config switched to DDIM gets DDIM's clip_sample=True.
-    merged = {**getattr(family, "DEFAULTS", {}), **config}
-    return family(ScheduleConfig.from_dict(merged), num_steps, **options)
+    merged = {**getattr(family, "DEFAULTS", {}), **config, **overrides}
+    return family(ScheduleConfig.from_dict(merged), num_steps, **{k: v for k, v in options.items() if k in own})
 
 
 __all__ = ["SCHEDULERS", "Scheduler", "ScheduleConfig", "denoise", "make_scheduler", "per_image_normal",

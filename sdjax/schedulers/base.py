@@ -334,8 +334,8 @@ def per_image_normal(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32)
 
 def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array,
             keys: jax.Array | None = None, start: int = 0,
-            post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
-    """Runs the scheduler from loop index `start` to the end as one lax.scan.
+            post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None, end: int | None = None) -> jax.Array:
+    """Runs the scheduler from loop index `start` to `end` (default: the last step) as one lax.scan.
 
     model_fn(model_input, timestep) -> model output. `keys` (one per image) feed stochastic steps:
     step i draws per_image_normal(fold_in(key, i)). post_step(x, i) -> x, if given, edits the
@@ -357,6 +357,6 @@ def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax
             x = post_step(x, i)
         return (state, x), None
 
-    indices = jnp.arange(start, len(scheduler.timesteps))
+    indices = jnp.arange(start, len(scheduler.timesteps) if end is None else end)
     (_, latents), _ = jax.lax.scan(body, (state, latents), indices)
     return latents
