@@ -5,6 +5,7 @@
     python sample.py --model ... --prompts-file prompts.jsonl --batch-size 8
     python sample.py --model ... --prompt "..." --init-image in.png --strength 0.6 --out out/       (img2img)
     python sample.py --model ... --prompt "..." --init-image in.png --mask mask.png --out out/      (inpainting)
+    python sample.py --model sdxl-base --refiner sdxl-refiner --refiner-switch 0.8 --prompt "..."  (SDXL)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "strength), checked like the flag; every line is checked before the "
                                           "first image")
     add_field_flags(p)  # the per-image settings: defaults for every prompt
+    p.add_argument("--refiner", help="an SDXL refiner folder: the --model (an SDXL base) denoises until "
+                                     "--refiner-switch, the refiner does the rest (text-to-image jobs only)")
+    p.add_argument("--refiner-switch", type=float, default=0.8,
+                   help="fraction of the schedule the base runs before the refiner takes over (default 0.8)")
     p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch (default 4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--out", default="out", help="output directory (created; existing images are kept; default out/)")
@@ -50,6 +55,8 @@ def main(argv: list[str]) -> int:
         flags = job.flag_settings(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.refiner and not 0 < args.refiner_switch < 1:
+            raise ValueError(f"--refiner-switch must be in (0, 1), got {args.refiner_switch}")
         entries = [job.Entry(p, {}, "--prompt") for p in args.prompt]
         entries += job.read_prompt_file(args.prompts_file) if args.prompts_file else []
         if not entries:
@@ -68,9 +75,16 @@ def main(argv: list[str]) -> int:
         jobs = job.expand_jobs(entries, flags, native_size=(native, native),
                                default_scheduler=lambda: scheduler_name(sd.model.scheduler_config),
                                inpainting_unet=unet.config.in_channels != vae.config.latent_channels)
+        refiner = None
+        if args.refiner:
+            if any(j.init_image for j in jobs):
+                raise ValueError("--refiner: only for text-to-image jobs (no --init-image / init_image)")
+            refiner = job.Refiner(sdjax.load(args.refiner, dtype=getattr(jnp, args.dtype)), args.refiner_switch,
+                                  os.path.basename(os.path.normpath(args.refiner)))
+            job.check_refiner(sd, refiner)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(model)))
+        job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(model)), refiner)
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

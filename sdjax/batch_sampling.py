@@ -322,7 +322,31 @@ def prepare_out_dir(out_dir: str) -> None:
         raise ValueError(f"--out {out_dir}: cannot create ({e.strerror})") from None
 
 
-def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Refiner:
+    """An SDXL refiner taking over from the base model at `switch` (a fraction of the schedule)."""
+
+    sd: Any
+    switch: float
+    name: str
+
+
+def check_refiner(base, refiner: Refiner) -> None:
+    """A refiner must take the base's latents: same latent channels and VAE factor, SDXL on both sides."""
+    from sdjax.conditioning import takes_added_conditions
+
+    for what, sd in (("--model", base), ("--refiner", refiner.sd)):
+        if not takes_added_conditions(sd.model):
+            raise ValueError(f"{what}: not an SDXL model (its UNet takes no added conditioning); "
+                             "--refiner hands an SDXL base's latents to an SDXL refiner")
+    a, b = base.model.vae.config, refiner.sd.model.vae.config
+    if (a.latent_channels, a.downscale) != (b.latent_channels, b.downscale):
+        raise ValueError(f"--refiner: its latents ({b.latent_channels} channels, 1/{b.downscale} size) do not "
+                         f"match the base's ({a.latent_channels} channels, 1/{a.downscale} size)")
+
+
+def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
+        refiner: Refiner | None = None) -> list[str]:
     """Generates every job, writing <n>-<seed>.png files; returns their paths."""
     index = next_index(out_dir)
     paths = []
@@ -333,15 +357,25 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str) -> 
         size = (first.height, first.width)
         init = np.stack([read_image(j.init_image, size) for j in group]) if first.init_image else None
         masks = np.stack([read_image(j.mask, size, grayscale=True) for j in group]) if first.mask else None
-        images = sd.generate([j.prompt for j in group], [j.negative_prompt for j in group], num_steps=first.steps,
-                             guidance_scale=first.guidance, scheduler=first.scheduler, height=first.height,
-                             width=first.width, seed=[j.seed for j in group], init_image=init, mask=masks,
-                             strength=first.strength)
+        prompts = [j.prompt for j in group]
+        # No negative prompt in the whole batch: None, which SDXL (force_zeros_for_empty_prompt) turns into
+        # zero embeddings as diffusers and A1111 do; for SD 1.x/2.x it is the empty prompt either way.
+        negatives = None if all(not j.negative_prompt for j in group) else [j.negative_prompt for j in group]
+        common = dict(num_steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
+                      height=first.height, width=first.width, seed=[j.seed for j in group])
+        if refiner is None:
+            images = sd.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength, **common)
+        else:
+            latents = sd.generate(prompts, negatives, denoising_end=refiner.switch, output="latents", **common)
+            images = refiner.sd.generate(prompts, negatives, init_latents=latents, denoising_start=refiner.switch,
+                                         **common)
         for job, image in zip(group, images):
             settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.scheduler], "CFG scale": job.guidance,
                         "Seed": job.seed, "Size": f"{job.width}x{job.height}", "Model": model_name}
             if job.init_image:
                 settings["Denoising strength"] = job.strength or (1.0 if job.mask else 0.8)
+            if refiner is not None:  # A1111's names for its refiner settings
+                settings.update({"Refiner": refiner.name, "Refiner switch at": refiner.switch})
             path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
             save_png(path, image, format_parameters(job.prompt, job.negative_prompt, settings))
             paths.append(path)

@@ -117,9 +117,18 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
     scale = vae.config.scaling_factor
     conditioned_unet = unet.config.in_channels > vae.config.latent_channels  # 9-channel inpainting UNet
 
+    # diffusers' rule: a float16 VAE whose config sets force_upcast (SD's and SDXL's: their activations
+    # overflow float16) encodes and decodes in float32. bfloat16 has float32's range and is left as is.
+    upcast = jnp.dtype(vae.dtype) == jnp.float16 and vae.config.force_upcast
+    coder = vae.clone(dtype=jnp.float32) if upcast else vae
+
+    def vae_apply(params, x, method):
+        weights = jax.tree.map(lambda w: w.astype(jnp.float32), params["vae"]) if upcast else params["vae"]
+        return coder.apply({"params": weights}, x.astype(jnp.float32) if upcast else x, method=method)
+
     def encode(params, images, keys, name):
         """Scaled posterior samples of images in [-1, 1]."""
-        mean, logvar = vae.apply({"params": params["vae"]}, images, method="encode")
+        mean, logvar = vae_apply(params, images, "encode")
         eps = per_image_normal(stream(keys, name), mean.shape[1:], mean.dtype)
         return (mean + jnp.exp(0.5 * logvar) * eps) * scale
 
@@ -176,7 +185,7 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
                           None if plan.end < 0 else plan.end)
         if plan.output == "latents":
             return jnp.where(jnp.isfinite(latents), latents, jnp.nan)
-        images = (vae.apply({"params": params["vae"]}, latents / scale, method="decode").astype(jnp.float32) + 1) / 2
+        images = (vae_apply(params, latents / scale, "decode").astype(jnp.float32) + 1) / 2
         # Non-finite values become NaN, which clipping keeps (it would turn +inf into a white pixel), so
         # the host can refuse the image instead of writing it.
         return jnp.clip(jnp.where(jnp.isfinite(images), images, jnp.nan), 0, 1)

@@ -97,7 +97,7 @@ def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -
     else:
         raw = preset(architecture)
         configs = {name: COMPONENTS[name].config_cls.from_dict(raw[name], f"preset {architecture}/{name}")
-                   for name in COMPONENTS}
+                   for name in raw}
         if not raw["text_encoder"]["vocab_size"]:
             from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
 

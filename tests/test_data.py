@@ -26,12 +26,13 @@ BOS, EOS = 1, 2
 
 
 def tokenize(captions):
-    """Caption bytes between BOS and EOS, zero-padded: a stand-in for CLIP that can be decoded back."""
+    """Caption bytes between BOS and EOS, zero-padded: a stand-in for CLIP that can be decoded back
+    ({batch key: ids}, as sdjax.conditioning.tokenizer_fn gives them)."""
     ids = np.zeros((len(captions), MAX_LEN), np.int32)
     for row, caption in enumerate(captions):
         tokens = [BOS, *caption.encode()[:MAX_LEN - 2], EOS]
         ids[row, :len(tokens)] = tokens
-    return ids
+    return {"input_ids": ids}
 
 
 def detokenize(ids_row) -> str:
@@ -166,7 +167,7 @@ def test_batches_have_the_promised_shapes_dtypes_and_range(data_dir):
 def test_caption_dropout_rate_and_empty_prompt(data_dir):
     config = numbered_config(data_dir, caption_dropout=0.3)
     ids = np.concatenate([b["input_ids"] for b in take(make_iterator(config, tokenize, global_batch_size=8, seed=1), 60)])
-    empty = tokenize([""])[0]
+    empty = tokenize([""])["input_ids"][0]
     dropped = np.all(ids == empty, axis=1)
     assert 0.22 < dropped.mean() < 0.38, dropped.mean()  # 480 draws: +-3.5 standard deviations
     assert all(detokenize(row).startswith("example ") for row in ids[~dropped])

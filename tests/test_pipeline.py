@@ -211,3 +211,25 @@ def test_guidance_rescale_changes_output_by_its_formula(sd1, monkeypatch):
     plain = np.asarray(pipeline.guided(lambda x, t, ctx: out, jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 5)), 7.5,
                                        0.0)(jnp.zeros((2, 8, 8, 4)), 0))
     np.testing.assert_allclose(half, 0.5 * res + 0.5 * plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,decoder_dtype", [("float16", "float32"), ("bfloat16", "bfloat16")])
+def test_float16_vae_decodes_in_float32(checkpoints, dtype, decoder_dtype):
+    """diffusers' force_upcast rule: a float16 VAE whose config sets it (SD's and SDXL's do) encodes and
+    decodes in float32; bfloat16 (float32's range) is left as is. Read off the program: the dtype of the
+    decoder's last convolution."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.pipeline import Plan, build_program
+    from sdjax.schedulers import make_scheduler
+
+    sd = sdjax.load(checkpoints["sd1"][0], dtype=getattr(jnp, dtype))
+    assert sd.model.vae.config.force_upcast
+    sched = make_scheduler("ddim", sd.model.scheduler_config, 2)
+    program = build_program(sd.model, Plan("ddim", 2, (), 1, (16, 16), False, 0.0, 0, "txt2img"), sched)
+    inputs = {"ids": sd.tokenize(["a"]), "neg_ids": sd.tokenize([""]), "keys": jax.numpy.stack([jax.random.key(0)]),
+              "noise": np.zeros((1, 16, 16, 4), np.float32)}
+    jaxpr = jax.make_jaxpr(program)(dict(sd.params), 1.0, inputs)
+    convs = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "conv_general_dilated"]
+    assert str(convs[-1].outvars[0].aval.dtype) == decoder_dtype

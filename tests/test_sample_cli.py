@@ -129,3 +129,28 @@ def test_images_get_the_mode_of_any_new_file(tmp_path, umask):
     finally:
         os.umask(previous)
     assert os.stat(tmp_path / "a.png").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_sdxl_base_with_refiner(sdxl_checkpoints, checkpoints, tmp_path):
+    """An SDXL base hands over to its refiner at --refiner-switch; the PNG is the API's image and its
+    parameters name the refiner as A1111 does. A refiner on a non-SDXL model is refused."""
+    import sdjax
+    from sdjax.png_info import read_parameters
+
+    base, refiner = sdxl_checkpoints["base"][0], sdxl_checkpoints["refiner"][0]
+    out = tmp_path / "out"
+    result = run_cli("--model", base, "--refiner", refiner, "--refiner-switch", "0.7", "--prompt", "a red circle",
+                     "--steps", "5", "--size", "32", "--seed", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    (name,) = os.listdir(out)
+    _, negative, settings = parse_parameters(read_parameters(str(out / name)))
+    assert negative == "" and settings["Refiner"] == "refiner" and settings["Refiner switch at"] == "0.7"
+    kwargs = dict(num_steps=5, guidance_scale=7.5, height=32, width=32, seed=[3])
+    latents = sdjax.load(base).generate(["a red circle"], denoising_end=0.7, output="latents", **kwargs)
+    expected = sdjax.load(refiner).generate(["a red circle"], init_latents=latents, denoising_start=0.7, **kwargs)
+    with Image.open(out / name) as im:
+        assert np.abs(np.asarray(im).astype(np.float32) / 255 - expected[0]).max() <= 1.5 / 255
+    result = run_cli("--model", checkpoints["sd1"][0], "--refiner", refiner, "--prompt", "x", "--out",
+                     str(tmp_path / "none"))
+    assert result.returncode == 2 and "--model: not an SDXL model" in result.stderr
+    assert not (tmp_path / "none").exists()

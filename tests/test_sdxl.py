@@ -278,3 +278,34 @@ def test_sdxl_sampling_bad_input(loaded):
         refiner.generate(PROMPTS, denoising_start=0.5, **kwargs)
     with pytest.raises(ValueError, match=r"init_latents has shape \(2, 8, 8, 4\); expected \(2, 16, 16, 4\)"):
         refiner.generate(PROMPTS, init_latents=np.zeros((2, 8, 8, 4)), num_steps=4, height=32, width=32)
+
+
+@pytest.mark.parametrize("name,strength", [("euler", 0.75), ("ddim", 1.0)])
+def test_inpainting_matches_diffusers(sdxl_checkpoints, loaded, name, strength, monkeypatch):
+    """The base model inpaints with its 4-channel UNet: the kept region is re-noised and blended back."""
+    import diffusers
+    from diffusers.models.autoencoders import vae as diffusers_vae
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+    from sdjax.pipeline import initial_noise
+
+    seeds = [41, 42]
+    rng = np.random.default_rng(9)
+    init = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((2, 32, 32), np.float32)
+    mask[0, 8:24, 4:20] = 1
+    mask[1, :16] = 1
+    ours = loaded["base"].generate(PROMPTS, NEGATIVE, num_steps=8, guidance_scale=5.0, scheduler=name, height=32,
+                                   width=32, seed=seeds, init_image=init, mask=mask, strength=strength)
+    posterior = initial_noise(seeds, (16, 16, 4), "posterior")
+    draws = iter([posterior, posterior])  # the init image, then the masked image (which this UNet ignores)
+    monkeypatch.setattr(diffusers_vae.DiagonalGaussianDistribution, "sample",
+                        lambda self, generator=None: self.mean + self.std * _nchw(next(draws)))
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(initial_noise(seeds, (16, 16, 4))))
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_checkpoints["base"][0])
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name][0]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS, image=_nchw(init), mask_image=torch.from_numpy(mask[:, None]), negative_prompt=NEGATIVE,
+               num_inference_steps=8, guidance_scale=5.0, strength=strength, height=32, width=32,
+               output_type="np").images
+    assert next(draws, None) is None, "the reference drew fewer posterior samples than expected"
+    assert np.abs(ours - ref).max() < TOL

@@ -54,3 +54,10 @@ def chunked(fn: Callable[[np.ndarray], Any], inputs: np.ndarray) -> Any:
     """fn over `inputs` in chunks of EVAL_CHUNK rows, its outputs (arrays or tuples of them) joined on host."""
     outputs = [jax.device_get(fn(inputs[i:i + EVAL_CHUNK])) for i in range(0, len(inputs), EVAL_CHUNK)]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def refuse_pretrained(config: ml_collections.ConfigDict) -> None:
+    """The check of a task that trains from scratch."""
+    if config.model.pretrained:
+        raise ValueError(f"model.pretrained: task {config.task!r} trains from scratch; use model.vae_from "
+                         "to start a vae run from a trained VAE")
