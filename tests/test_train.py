@@ -286,7 +286,7 @@ def test_finetune_tiny_variant_on_a_diffusers_folder(tmp_path, data_dir, checkpo
                        config="configs/sd15_finetune.py:tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     exported, base = sdjax.load(str(workdir / "export")), sdjax.load(folder)
-    assert exported.configs == base.configs
+    assert exported.model.configs == base.model.configs
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax_leaves(exported.params["unet"]), jax_leaves(base.params["unet"]))]
     assert max(moved) > 0  # the UNet was trained
