@@ -27,6 +27,7 @@ import numpy as np
 
 from sdjax.tokenizer import tokenize
 
+
 @dataclasses.dataclass(frozen=True)
 class TextEncoding:
     """One (tokenizer, text encoder) pair of a model folder and what the conditioning takes from it."""
@@ -72,17 +73,20 @@ class TokenizerFn:
         return {key: tokenize(tok, list(prompts), length) for key, (tok, length) in self.tokenizers.items()}
 
 
+def _id_lengths(model) -> dict[str, int]:
+    """Batch key -> sequence length of each text encoding of `model` (its encoder's max_position_embeddings)."""
+    return {enc.ids: model.networks[enc.encoder].config.max_position_embeddings for enc in model.text}
+
+
 def tokenizer_fn(model) -> TokenizerFn:
     """The tokenizers of `model` (a sdjax.Model), each padding to its encoder's max_position_embeddings."""
-    return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer],
-                                  model.networks[enc.encoder].config.max_position_embeddings)
-                        for enc in model.text})
+    lengths = _id_lengths(model)
+    return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer], lengths[enc.ids]) for enc in model.text})
 
 
 def abstract_ids(model, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of `tokenizer_fn(model)`'s output for `batch` prompts (for lowering without data)."""
-    return {enc.ids: jax.ShapeDtypeStruct((batch, model.networks[enc.encoder].config.max_position_embeddings),
-                                          jnp.int32) for enc in model.text}
+    return {key: jax.ShapeDtypeStruct((batch, length), jnp.int32) for key, length in _id_lengths(model).items()}
 
 
 def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) -> Conditioning:

@@ -93,7 +93,7 @@ class Plan:
     guidance_rescale: float
     start: int           # first loop index (img2img and inpainting skip the noisiest steps)
     mode: str            # one of MODES
-    end: int = -1        # loop index to stop before (denoising_end); -1: run to the end
+    end: int | None = None  # loop index to stop before (denoising_end); None: run to the end
     add_noise: bool = True      # img2img noises its init latents to the start step (not at a hand-off)
     zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: zero unconditional embeddings
     output: str = "images"       # "images", or "latents" (scaled, undecoded: a hand-off to a refiner)
@@ -181,8 +181,7 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
 
                 post_step = blend
 
-        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step,
-                          None if plan.end < 0 else plan.end)
+        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step, plan.end)
         if plan.output == "latents":
             return jnp.where(jnp.isfinite(latents), latents, jnp.nan)
         images = (vae_apply(params, latents / scale, "decode").astype(jnp.float32) + 1) / 2
@@ -310,7 +309,7 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         mask = np.asarray(mask)[..., 0]
     mask = _check_images("mask", mask, (n, height, width), "N, height, width; 1 = repaint, 0 = keep")
     sched = make_scheduler(scheduler, model.scheduler_config, num_steps, **(scheduler_options or {}))
-    start, end = 0, -1
+    start, end = 0, None
     train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
     if denoising_start is not None:  # a hand-off: start where the earlier model stopped, add no noise
         start = first_step_after(sched, train_steps, denoising_start)
@@ -324,7 +323,7 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         start = (num_steps - run_steps) * sched.order
     if denoising_end is not None:
         end = steps_before(sched, train_steps, denoising_end)
-    if start >= (len(sched.timesteps) if end < 0 else end):
+    if start >= (len(sched.timesteps) if end is None else end):
         raise ValueError(f"denoising_start {denoising_start} / denoising_end {denoising_end} with {num_steps} steps "
                          "leave no denoising step")
     if latents is None:
