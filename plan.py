@@ -35,8 +35,8 @@ _CONFIG = define_config_file("config", "a configs/*.py file, optionally file.py:
 _MESH = flags.DEFINE_string("mesh", None, "AXIS=SIZE,... over data / fsdp / tensor, e.g. data=1,fsdp=8 "
                                           "(default: the config's mesh)")
 _DEVICES = flags.DEFINE_integer("devices", None, "forced host (CPU) device count; default: the --mesh size")
-_ARCHITECTURE = flags.DEFINE_string("architecture", None, "plan this preset (sd15, sd21, small, tiny) "
-                                                          "instead of the config's model")
+_ARCHITECTURE = flags.DEFINE_string("architecture", None, "plan this preset (sd15, sd21, sdxl, sdxl_refiner, small, "
+                                                          "tiny) instead of the config's model")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "images per sampling call")
 _SAMPLE_SIZE = flags.DEFINE_integer("sample_size", None, "sampled image side in pixels (default: data.resolution)")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 4, "scheduler steps (a lax.scan: memory barely depends on it)")

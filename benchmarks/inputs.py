@@ -20,6 +20,21 @@ def unet_inputs(s: Settings, channels: int, cross_attention_dim: int) -> tuple[n
     return latents, np.full((n,), TIMESTEP, np.int32), context
 
 
+def added_inputs(s: Settings, unet_config) -> tuple[np.ndarray, np.ndarray] | None:
+    """SDXL's added conditioning of the guided batch (2B): (a random pooled text embedding, the time ids of
+    a square image at the UNet's side: original = target = that side, crop (0, 0)); None for SD 1.x/2.x.
+    `unet_config` is either side's UNet config (the same attribute names)."""
+    if unet_config.addition_embed_type != "text_time":
+        return None
+    side, n = s.unet_resolution, 2 * s.batch
+    ids = np.asarray([side, side, 0, 0, side, side], np.float32)
+    pooled_dim = unet_config.projection_class_embeddings_input_dim - len(ids) * unet_config.addition_time_embed_dim
+    if pooled_dim <= 0:
+        raise ValueError("benchmarks: the UNet does not take SDXL base's six time ids")
+    pooled = np.random.default_rng(3).standard_normal((n, pooled_dim), dtype=np.float32)
+    return pooled, np.tile(ids, (n, 1))
+
+
 def decoder_latents(s: Settings, channels: int) -> np.ndarray:
     """(B, h, w, C) latents for the VAE decoder."""
     side = s.latent_side

@@ -53,9 +53,15 @@ ISA_CLASSES = (("amx", "amx_tile", "with AMX"), ("avx512", "avx512f", "with AVX-
                ("avx2", "avx2", "with AVX2, no AVX-512"))
 
 
-def section(device: str, flags: set[str] | None = None) -> tuple[str, str]:
+def section(device: str, flags: set[str] | None = None, preset: str = "sd15") -> tuple[str, str]:
     """(key, title) of the BENCHMARKS.md section a run on `device` belongs to: per ISA class on CPUs
-    ("cpu-avx2", "CPU with AVX2, no AVX-512"), one per device kind otherwise."""
+    ("cpu-avx2", "CPU with AVX2, no AVX-512"), one per device kind otherwise; presets other than sd15
+    get sections of their own ("cpu-avx2-sdxl", "CPU with AVX2, no AVX-512: sdxl preset")."""
+    key, title = _device_section(device, flags)
+    return (key, title) if preset == "sd15" else (f"{key}-{preset}", f"{title}: {preset} preset")
+
+
+def _device_section(device: str, flags: set[str] | None) -> tuple[str, str]:
     if device != "cpu":
         return device, device.upper()
     present = cpu_flags() if flags is None else flags

@@ -145,7 +145,7 @@ def render(s: Settings, only: tuple[str, ...], results: dict, command: str) -> s
                      "s warm; torch runs eagerly, without a compile step")
     notes += flops_checks(s, results)
     bullets = lambda lines: "\n".join(f"- {line}" for line in lines)
-    return (f"## {section(s.device)[1]}\n\n{bullets(header)}\n\n{HEADER}\n" + "\n".join(rows)
+    return (f"## {section(s.device, preset=s.preset)[1]}\n\n{bullets(header)}\n\n{HEADER}\n" + "\n".join(rows)
             + f"\n\n{bullets(notes)}\n")
 
 

@@ -33,6 +33,8 @@ from sdjax.models.attention import ATTENTION_IMPLS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("float32", "bfloat16", "float16")
+# The torch side's train step is SD 1.x's (one text encoder, no added conditioning).
+SDXL_MEASUREMENTS = ("unet", "sampling")
 GUIDANCE = 7.5
 # Per device: (images per call, sampling steps, sdjax dtype, torch dtype, sdjax attention, warm-up calls,
 # timed calls). A GPU call takes milliseconds to a second: more of both, so clocks settle and medians hold.
@@ -62,10 +64,12 @@ def _at_least(low: int) -> Callable[[str], int]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdjax", "bench-weights")
     p = OneLineParser(prog="benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=("sd15", "tiny"), default="sd15",
-                   help="architecture: sd15 (default) or tiny (small networks, for smoke tests)")
-    p.add_argument("--only", type=_measurements, default=MEASUREMENTS,
-                   help=f"comma list of measurements (default: all of {','.join(MEASUREMENTS)})")
+    p.add_argument("--preset", choices=("sd15", "sdxl", "tiny"), default="sd15",
+                   help="architecture: sd15 (default), sdxl (SDXL base 1.0: no train measurement) or tiny (small "
+                        "networks, for smoke tests)")
+    p.add_argument("--only", type=_measurements,
+                   help=f"comma list of measurements (default: all of {','.join(MEASUREMENTS)}; sdxl: "
+                        f"{','.join(SDXL_MEASUREMENTS)})")
     p.add_argument("--warmup", type=_at_least(1), help="untimed calls first; >= 1, as the first call compiles "
                                                        "(sdjax) or sets up kernels (default: 1 on CPU, 3 on GPU)")
     p.add_argument("--repeats", type=_at_least(1), help="timed calls; the table shows medians (default: 3 on CPU, "
@@ -122,6 +126,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch=args.batch or batch, resolution=args.resolution or (min(native, 256) if device == "cpu" else native),
         unet_resolution=args.resolution or native, vae_factor=vae_factor(arch), steps=args.steps or steps,
         guidance=GUIDANCE, warmup=args.warmup or warmup, repeats=args.repeats or repeats)
+
+
+def measurements_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """--only, else the preset's default; raises ValueError for a measurement the preset has no torch side for."""
+    if args.preset != "sdxl":
+        return args.only or MEASUREMENTS
+    only = args.only or SDXL_MEASUREMENTS
+    if "train" in only:
+        raise ValueError("--only train: the torch side's train step is SD 1.x's; --preset sdxl measures "
+                         "unet, sampling, vae and compile")
+    return only
 
 
 def check_out(path: str) -> None:
@@ -185,6 +200,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         settings = settings_from_args(args)
+        only = measurements_of(args)
         check_folder(settings.folder)
         check_out(args.out)
     except ValueError as e:
@@ -197,11 +213,11 @@ def main(argv: list[str]) -> int:
         if code:
             print(f"benchmarks.run: error: building weights failed: {last}", file=sys.stderr)
             return code
-    results = measure_all(settings, args.only)
-    generated = report.render(settings, args.only, results, f"python -m benchmarks.run {shlex.join(argv)}")
+    results = measure_all(settings, only)
+    generated = report.render(settings, only, results, f"python -m benchmarks.run {shlex.join(argv)}")
     print(generated)
-    report.write(args.out, section(settings.device)[0], generated)
-    log(f"wrote the {settings.device.upper()} section of {args.out}")
+    report.write(args.out, section(settings.device, preset=settings.preset)[0], generated)
+    log(f"wrote the {section(settings.device, preset=settings.preset)[1]!r} section of {args.out}")
     for line in report.flops_checks(settings, results):
         log(line)
     failed = [f"{side} {name}" for (name, side), r in results.items() if "error" in r]

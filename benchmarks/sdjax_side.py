@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 import sdjax
-from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inputs
+from benchmarks.inputs import PROMPT, added_inputs, decoder_latents, training_pixels, unet_inputs
 from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
-from sdjax.conditioning import abstract_ids, encode_text, unet_call
+from sdjax.conditioning import abstract_conditioning, abstract_ids, encode_text, unet_call
 from sdjax.convert.diffusers import COMPONENTS, load_component
 from sdjax.flops import measured_peak_flops, traced_flops
 from sdjax.host_memory import release_freed_heap
@@ -48,11 +48,12 @@ def _time_compiled(compiled: Callable, args: tuple, s: Settings) -> list[float]:
 
 
 def unet(s: Settings) -> dict:
-    """One UNet forward on the guided batch."""
+    """One UNet forward on the guided batch (SDXL: with its pooled embedding and time ids)."""
     module, params = _component(s, "unet")
     latents, timesteps, context = unet_inputs(s, module.config.in_channels, module.config.cross_attention_dim)
-    args = (params, jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
-    forward = lambda p, x, t, c: module.apply({"params": p}, x, t, c)
+    added = added_inputs(s, module.config) or ()
+    args = (params, *(jnp.asarray(a) for a in (latents, timesteps, context, *added)))
+    forward = lambda p, x, t, c, *extra: module.apply({"params": p}, x, t, c, *extra)
     compiled = jax.jit(forward).lower(*args).compile()
     flops = traced_flops(forward, *args)
     n = len(latents)
@@ -81,9 +82,8 @@ def sampling_flops(sd: sdjax.StableDiffusion, s: Settings) -> float:
     model, params = sd.model, dict(sd.params)
     guided = 2 if s.guidance > 1 else 1
     n, side = s.batch, s.latent_side
-    ids = abstract_ids(model, n)
-    text = traced_flops(lambda p, ids: encode_text(model, p, ids), params, ids)
-    cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, guided * n))
+    text = traced_flops(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, n))
+    cond = abstract_conditioning(model, guided * n, s.resolution, s.resolution)
     step = traced_flops(lambda p, x, t, c: unet_call(model, p)(x, t, c), params,
                         jax.ShapeDtypeStruct((guided * n, side, side, model.unet.config.in_channels), jnp.float32),
                         jax.ShapeDtypeStruct((guided * n,), jnp.int32), cond)

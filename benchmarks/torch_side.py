@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.inputs import PROMPT, decoder_latents, training_pixels, unet_inputs
+from benchmarks.inputs import PROMPT, added_inputs, decoder_latents, training_pixels, unet_inputs
 from benchmarks.settings import PEAK_MATMUL_REPEATS, PEAK_MATMUL_SIDE, Settings
 from benchmarks.timing import time_calls
 
@@ -51,8 +51,11 @@ def unet(s: Settings) -> dict:
     latents, timesteps, context = unet_inputs(s, model.config.in_channels, model.config.cross_attention_dim)
     x, c = _tensor(latents, s), _tensor(context, s)
     t = torch.from_numpy(timesteps).to(_device(s))
+    added = added_inputs(s, model.config)
+    kwargs = {} if added is None else {"added_cond_kwargs": {"text_embeds": _tensor(added[0], s),
+                                                             "time_ids": _tensor(added[1], s)}}
     with torch.inference_mode():
-        seconds = _timed(lambda: model(x, t, encoder_hidden_states=c).sample, s)
+        seconds = _timed(lambda: model(x, t, encoder_hidden_states=c, **kwargs).sample, s)
     return {"seconds": seconds, "items": len(latents)}
 
 
@@ -67,9 +70,9 @@ def vae(s: Settings) -> dict:
 
 
 def _pipeline(s: Settings, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(s.folder, dtype=dtype).to(_device(s))
+    pipe = DiffusionPipeline.from_pretrained(s.folder, dtype=dtype).to(_device(s))  # SD or SDXL, as saved
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

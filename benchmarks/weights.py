@@ -19,7 +19,7 @@ MARKER = "benchmark-weights.json"  # written last: a folder without it was never
 
 
 def architecture(preset: str) -> dict[str, dict]:
-    """The preset's text encoder / VAE / UNet configs (an unknown name is an error naming --preset)."""
+    """The preset's network configs by component name (an unknown name is an error naming --preset)."""
     return preset_architecture(preset, "--preset")
 
 
@@ -64,8 +64,9 @@ def build(preset: str, folder: str) -> None:
     """Builds the preset with torch's default random init (seed 0) and saves it to `folder`, replacing
     stale weights of an earlier build; any other existing non-empty folder is an error."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdjax.tokenizer import write_bpe_tokenizer
 
@@ -83,12 +84,16 @@ def build(preset: str, folder: str) -> None:
             text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id)
         torch.manual_seed(0)
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**_constructor_kwargs(arch["vae"])),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**_constructor_kwargs(arch["unet"])),
-            scheduler=DDIMScheduler(**_constructor_kwargs(SD_SCHEDULE)),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        common = dict(vae=AutoencoderKL(**_constructor_kwargs(arch["vae"])),
+                      text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
+                      unet=UNet2DConditionModel(**_constructor_kwargs(arch["unet"])),
+                      scheduler=DDIMScheduler(**_constructor_kwargs(SD_SCHEDULE)))
+        if "text_encoder_2" in arch:  # SDXL base: both tokenizers are the one byte-level BPE
+            encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_constructor_kwargs(arch["text_encoder_2"])))
+            pipe = StableDiffusionXLPipeline(**common, text_encoder_2=encoder_2, tokenizer_2=tokenizer)
+        else:
+            pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         pipe.save_pretrained(staging, safe_serialization=True)
         shutil.rmtree(os.path.join(staging, "_tokenizer"))
         with open(os.path.join(staging, MARKER), "w") as f:

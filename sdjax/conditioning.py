@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.models.params import abstract_params
 from sdjax.tokenizer import tokenize
 
 
@@ -89,6 +90,16 @@ def abstract_ids(model, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {key: jax.ShapeDtypeStruct((batch, length), jnp.int32) for key, length in _id_lengths(model).items()}
 
 
+def abstract_conditioning(model, batch: int, height: int, width: int) -> Conditioning:
+    """The shapes of the Conditioning of `batch` height x width images (for lowering without data)."""
+    params = {enc.encoder: abstract_params(model.networks[enc.encoder]) for enc in model.text}
+    cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, batch))
+    if takes_added_conditions(model):
+        count = len(time_ids(model, MicroConditioning(), height, width))
+        cond = cond._replace(time_ids=jax.ShapeDtypeStruct((batch, count), jnp.float32))
+    return cond
+
+
 def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) -> Conditioning:
     """Token ids (as from `tokenizer_fn`) -> Conditioning, with `params` holding each text encoder's."""
     contexts, pooled = [], None
@@ -100,6 +111,32 @@ def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) 
             pooled = pool
     context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=-1)
     return Conditioning(context, pooled)
+
+
+def zeroes_empty_prompts(model) -> bool:
+    """Whether `model` (model_index.json's force_zeros_for_empty_prompt, SDXL) stands for "no prompt" with
+    zeroed text embeddings rather than the encoded empty string: sampling without a negative prompt,
+    and training with a dropped caption."""
+    return bool(model.model_index.get("force_zeros_for_empty_prompt", False))
+
+
+def batch_conditioning(model, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                       size: tuple[int, int]) -> Conditioning:
+    """The conditioning of a training batch of size[0] x size[1] images: its ids encoded, with SDXL's
+    additions as SDXL trains them: the text zeroed (context and pooled) where "caption_dropped", and
+    time ids from each example's "original_size" and "crop_top_left" with `size` as the target size."""
+    cond = encode_text(model, params, batch)
+    if zeroes_empty_prompts(model):
+        keep = 1.0 - batch["caption_dropped"].astype(jnp.float32)
+        cond = jax.tree.map(lambda x: x * keep.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), cond)
+    if takes_added_conditions(model):
+        if uses_aesthetic_score(model):  # the build of a training task refuses these first
+            raise ValueError("training a UNet conditioned on aesthetic scores (an SDXL refiner) needs a score "
+                             "per image, which the training data does not carry")
+        target = jnp.broadcast_to(jnp.asarray(size, jnp.float32), batch["original_size"].shape)
+        ids = [batch["original_size"].astype(jnp.float32), batch["crop_top_left"].astype(jnp.float32), target]
+        cond = cond._replace(time_ids=jnp.concatenate(ids, axis=-1))
+    return cond
 
 
 def takes_added_conditions(model) -> bool:

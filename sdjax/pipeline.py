@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.conditioning import (MicroConditioning, encode_text, takes_added_conditions, time_ids, unet_call,
-                                uses_aesthetic_score)
+                                uses_aesthetic_score, zeroes_empty_prompts)
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
 
@@ -260,7 +260,7 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         raise ValueError("prompts: empty list; give at least one prompt")
     n = len(prompts)
     # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero unconditional embeddings.
-    zero_negative = negative_prompts is None and bool(model.model_index.get("force_zeros_for_empty_prompt", False))
+    zero_negative = negative_prompts is None and zeroes_empty_prompts(model)
     negative_prompts = [""] * n if negative_prompts is None else list(negative_prompts)
     if len(negative_prompts) != n:
         raise ValueError(f"negative_prompts: {len(negative_prompts)} given for {n} prompts")

@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdjax.conditioning import abstract_ids, encode_text, unet_call
+from sdjax.conditioning import (MicroConditioning, abstract_conditioning, abstract_ids, takes_added_conditions,
+                                time_ids, unet_call)
 from sdjax.convert.diffusers import COMPONENTS, model_components, read_component_config, read_json, read_model_index
 from sdjax.find_batch import largest_fitting_batch
 from sdjax.flops import compiled_cost, compiled_flops, traced_flops
 from sdjax.hlo_collectives import KINDS, collectives, custom_calls
 from sdjax.models.attention import resolved_impl
 from sdjax.models.params import abstract_params, logical_axes
-from sdjax.models.presets import PRESETS, preset
+from sdjax.models.presets import PIPELINE_OPTIONS, PRESETS, preset
 from sdjax.parallel import MESH_AXES, activate, batch_divisor, batch_sharding, param_shardings
 from sdjax.stable_diffusion import Model
 from sdjax.train.build import SD_SCHEDULE, assemble, text_config
@@ -98,14 +99,15 @@ def planning_model(model: ml_collections.ConfigDict, architecture: str | None) -
         raw = preset(architecture)
         configs = {name: COMPONENTS[name].config_cls.from_dict(raw[name], f"preset {architecture}/{name}")
                    for name in raw}
-        if not raw["text_encoder"]["vocab_size"]:
+        if "text_encoder" in raw and not raw["text_encoder"]["vocab_size"]:
             from sdjax.tokenizer import load_tokenizer, write_bpe_tokenizer
 
             with tempfile.TemporaryDirectory() as folder:
                 tokenizer = load_tokenizer(model.tokenizer) if model.tokenizer else write_bpe_tokenizer(folder)
             configs["text_encoder"] = text_config(raw, tokenizer)
         scheduler_config = dict(SD_SCHEDULE)
-    return assemble(configs, model, tokenizers={}, scheduler_config=scheduler_config, model_index={})
+        index = PIPELINE_OPTIONS.get(architecture, {})
+    return assemble(configs, model, tokenizers={}, scheduler_config=scheduler_config, model_index=index)
 
 
 def device_bytes(abstract: Any, shardings: Any) -> int:
@@ -185,7 +187,7 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
     rules = config.mesh.rules
     check_batch(config, mesh)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(dict(model.networks), unet_task.trained(config), config, tx, mesh)
+    abstract, shardings = state_shardings(dict(model.networks), unet_task.trained(config, model), config, tx, mesh)
     side = config.data.resolution
     images = lambda shape: jax.ShapeDtypeStruct((config.batch_size,) + shape, jnp.float32,
                                                 sharding=batch_sharding(mesh, rules, 4))
@@ -196,6 +198,11 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
         batch = {"pixels": images((side, side, 3))}
     batch.update({key: jax.ShapeDtypeStruct(ids.shape, ids.dtype, sharding=batch_sharding(mesh, rules, 2))
                   for key, ids in abstract_ids(model, config.batch_size).items()})
+    # What the data pipeline records of every example (SDXL's micro-conditioning reads it).
+    batch.update({key: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype,
+                                            sharding=batch_sharding(mesh, rules, 1 + len(shape)))
+                  for key, shape, dtype in (("original_size", (2,), jnp.int32), ("crop_top_left", (2,), jnp.int32),
+                                            ("caption_dropped", (), jnp.bool_))})
     step = jax.jit(make_train_step(model, config, tx, shardings.params), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)))
     compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules,
@@ -248,6 +255,10 @@ def plan_sampling(model: Model, mesh: Mesh, rules: Any, batch: int, size: int, s
     scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
     noise = jax.ShapeDtypeStruct((batch, *latent), jnp.float32, sharding=rows(4))
     inputs = {"ids": ids, "neg_ids": ids, "keys": keys, "noise": noise}
+    if takes_added_conditions(view):  # SDXL's time ids, one row per image and side of guidance
+        count = len(time_ids(view, MicroConditioning(), size, size))
+        inputs["time_ids"] = inputs["neg_time_ids"] = jax.ShapeDtypeStruct((batch, count), jnp.float32,
+                                                                           sharding=rows(2))
     args = (_with_shardings(abstract, shardings), scale, inputs)
     compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules, f"sampling (batch {batch})")
     # XLA counts the denoising scan's body once; add the other iterations' model calls.
@@ -271,8 +282,8 @@ def model_call_flops(model: Model, batch: int, latent: tuple[int, int, int], gui
         unet_fn = unet_call(model, {"unet": params})
         return guided(unet_fn, cond, uncond if guidance_scale > 1 else None, scale, 0.0)(x, t)
 
-    text_params = {enc.encoder: abstract_params(model.networks[enc.encoder]) for enc in model.text}
-    cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), text_params, abstract_ids(model, batch))
+    factor = model.vae.config.downscale
+    cond = abstract_conditioning(model, batch, latent[0] * factor, latent[1] * factor)
     args = (abstract_params(model.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), cond, cond, jax.ShapeDtypeStruct((), jnp.float32))
     return traced_flops(call, *args)

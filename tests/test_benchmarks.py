@@ -75,7 +75,8 @@ def test_markdown_keeps_notes_and_the_other_device(tiny_run):
     assert GPU_SECTION in text
     from benchmarks.machine import section
 
-    key, title = section("cpu")  # this machine's ISA class
+    key, title = section("cpu", preset="tiny")  # this machine's ISA class; presets but sd15 apart
+    assert key.endswith("-tiny") and title.endswith(": tiny preset")
     cpu = text[text.index(f"<!-- benchmarks:{key}:begin -->"):text.index(f"<!-- benchmarks:{key}:end -->")]
     assert f"## {title}\n" in cpu and "- Machine: " in cpu and "logical CPUs (ISA: " in cpu
     versions = next(line for line in cpu.splitlines() if line.startswith("- Versions: "))
@@ -107,6 +108,7 @@ def test_a_bad_flag_exits_2_with_one_line():
     (["--warmup", "x"], "argument --warmup: invalid int value: 'x'"),
     (["--preset", "sd99"], "argument --preset: invalid choice"),
     (["--preset", "tiny", "--resolution", "30"], "--resolution must be a multiple of 8"),
+    (["--preset", "sdxl", "--only", "unet,train"], "--only train: the torch side's train step is SD 1.x's"),
 ])
 def test_bad_flags_in_process(args, message, capsys):
     assert_one_line_exit_2(run.main, args, message, capsys)
@@ -140,6 +142,7 @@ def test_each_cpu_isa_class_keeps_its_own_section(tmp_path):
     assert section("cpu", {"avx2", "avx512f"}) == ("cpu-avx512", "CPU with AVX-512, no AMX")
     assert section("cpu", {"avx2", "avx512f", "amx_tile"}) == ("cpu-amx", "CPU with AMX")
     assert section("gpu") == ("gpu", "GPU")
+    assert section("cpu", {"avx2"}, preset="sdxl") == ("cpu-avx2-sdxl", "CPU with AVX2, no AVX-512: sdxl preset")
     path = str(tmp_path / "B.md")
     report.write(path, "cpu-avx512", "## CPU with AVX-512, no AMX\n\nwide\n")
     report.write(path, "cpu-avx2", "## CPU with AVX2, no AVX-512\n\nnarrow\n")

@@ -156,7 +156,10 @@ def test_batches_have_the_promised_shapes_dtypes_and_range(data_dir):
     config = shapes_config(data_dir, crop="random", flip=True)
     batches = take(make_iterator(config, tokenize, global_batch_size=4, seed=0), 20)
     for batch in batches:
-        assert set(batch) == {"pixels", "input_ids"}
+        assert set(batch) == {"pixels", "input_ids", "original_size", "crop_top_left", "caption_dropped"}
+        assert batch["original_size"].dtype == batch["crop_top_left"].dtype == np.int32
+        assert batch["original_size"].shape == batch["crop_top_left"].shape == (4, 2)
+        assert batch["caption_dropped"].dtype == np.bool_ and batch["caption_dropped"].shape == (4,)
         assert batch["pixels"].shape == (4, RES, RES, 3) and batch["pixels"].dtype == np.float32
         assert batch["input_ids"].shape == (4, MAX_LEN) and batch["input_ids"].dtype == np.int32
         assert batch["pixels"].min() >= -1.0 and batch["pixels"].max() <= 1.0
@@ -232,6 +235,37 @@ def test_resize_crop_and_flip_of_a_wide_image():
     assert reds_left == {True, False}  # some flipped, some not
 
 
+def test_original_size_and_crop_corner_are_recorded_as_sdxl_conditions_on_them():
+    """original_size is the stored image's (height, width) (a JPEG's header size, though it decodes at a
+    reduced draft scale); crop_top_left is where the crop sits in the resized image, mirrored with the
+    flip so that it is the corner of the pixels the model sees; caption_dropped says the caption was dropped."""
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(image).resize((24, 16), Image.BICUBIC))  # shorter side 40 -> 16
+    example = {"image": png_bytes(image), "caption": b"noise"}
+    corners, flips = set(), set()
+    for seed in range(40):
+        out = preprocess.Preprocess("image", "caption", 16, crop="random", flip=True,
+                                    caption_dropout=0.5)(example, np.random.default_rng(seed))
+        assert out["original_size"].tolist() == [40, 60] and out["original_size"].dtype == np.int32
+        top, left = out["crop_top_left"].tolist()
+        assert top == 0 and 0 <= left <= 8
+        flipped = not np.array_equal(out["image"], resized[:, left:left + 16])
+        if flipped:  # the corner is the one of the flipped image
+            np.testing.assert_array_equal(out["image"], resized[:, ::-1][:, left:left + 16])
+        assert out["caption_dropped"] == (out["caption"] == "")
+        corners.add(left)
+        flips.add(flipped)
+    assert len(corners) > 3 and flips == {True, False}
+    big = Image.fromarray(np.repeat(np.repeat(image, 8, 0), 8, 1))  # 320 x 480: JPEG drafts it at 1/8
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG")
+    out = preprocess.Preprocess("image", "caption", 16)({"image": buffer.getvalue(), "caption": b"x"},
+                                                        np.random.default_rng(0))
+    assert out["original_size"].tolist() == [320, 480] and out["crop_top_left"].tolist() == [0, 4]
+    assert not out["caption_dropped"]
+
+
 def test_unreadable_images_are_skipped_counted_and_logged(data_dir, caplog):
     config = numbered_config(data_dir, name="corrupt")
     dataset = make_dataset(make_source(config), image_preprocess(config), seed=0)
@@ -272,8 +306,10 @@ def test_cached_stream_is_the_pixel_stream_encoded(data_dir, tmp_path):
             pixels, cached = make_iterator(config, tokenize, **kw), make_iterator(config, tokenize, latents=folder, **kw)
             for _ in range(12):  # several epochs of the 14 readable examples
                 want, got = next(pixels), next(cached)
-                assert set(got) == {"latent_mean", "latent_logvar", "input_ids"}
-                np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+                assert set(got) == {"latent_mean", "latent_logvar", "input_ids", "original_size", "crop_top_left",
+                                    "caption_dropped"}
+                for key in ("input_ids", "original_size", "crop_top_left", "caption_dropped"):
+                    np.testing.assert_array_equal(got[key], want[key])
                 mean, logvar = fake_encode(want["pixels"])
                 np.testing.assert_allclose(got["latent_mean"], mean, rtol=1e-6)
                 np.testing.assert_allclose(got["latent_logvar"], logvar, rtol=1e-6)

@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference is not instal
 from sdjax.convert.diffusers import COMPONENTS
 from sdjax.convert.state_dict import torch_key, torch_shape
 from sdjax.models import abstract_params, count_params
-from sdjax.models.presets import PRESETS, SDXL
+from sdjax.models.presets import PRESETS
 
 import flax
 
@@ -16,7 +16,7 @@ EXPECTED = {
     ("sdxl", "unet"): 2_567_463_684, ("sdxl", "text_encoder"): 123_060_480, ("sdxl", "text_encoder_2"): 694_659_840,
     ("sdxl", "vae"): 83_653_863, ("sdxl_refiner", "unet"): 2_259_526_660,
 }
-CONFIGS = {**PRESETS, **SDXL}
+CONFIGS = PRESETS
 
 
 def _module(preset: str, name: str):

@@ -66,6 +66,19 @@ def test_plans_a_pretrained_folder_from_its_configs(tmp_path, checkpoints):
     assert report["sample"]["resolution"] == 32 and report["sample"]["flops_per_call"] > 0
 
 
+def test_plans_sdxl_fine_tuning_with_both_text_encoders(tmp_path, sdxl_checkpoints):
+    """An SDXL folder plans as it trains: both text encoders trained, the batch's size and crop
+    conditioning in the step; and its sampler (guided, pooled embedding, time ids) compiles."""
+    folder, _ = sdxl_checkpoints["base"]
+    table, report = _report(tmp_path / "plan.json", f"--config={ROOT}/configs/sdxl_finetune.py:tiny",
+                            f"--config.model.pretrained={folder}", "--config.batch_size=8",
+                            "--config.model.train_text_encoder=True", "--mesh=fsdp=8", "--guidance=5")
+    train, sample = report["train"], report["sample"]
+    assert train["trained"] == ["text_encoder", "text_encoder_2", "unet"]
+    assert 0 < train["model_flops_per_step"] and train["memory"]["temp_bytes"] > 0
+    assert sample["guidance"] and sample["resolution"] == 32 and sample["flops_per_call"] > sample["flops_per_step"]
+
+
 @pytest.mark.parametrize("mesh,message", [
     ("data=2,fsdp=2", "multiply to 4, but there are 8 devices"),
     ("data=2,model=4", "unknown mesh axis 'model' (known: data, fsdp, tensor)"),

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 def _step(config, sd, batch, steps=1):
     tx = make_optimizer(config.optimizer, config.total_steps)
-    state = init_state(dict(sd.params), unet_task.trained(config), config, tx)
+    state = init_state(dict(sd.params), unet_task.trained(config, sd.model), config, tx)
     step = jax.jit(make_train_step(sd.model, config, tx))
     for _ in range(steps):
         state, metrics = step(state, batch)

@@ -3,6 +3,8 @@
     folder/                      (a unet run's workdir/latent_cache, written by `ensure_latent_cache`)
         mean.npy, logvar.npy     float32 (N, h, w, C): the VAE posterior of example i of data.split
         readable.npy             bool (N,): False where the image could not be decoded (rows unused)
+        original_size.npy        int32 (N, 2): each image's stored (height, width), as the pixel stream records it
+        crop_top_left.npy        int32 (N, 2): the (top, left) of its centre crop in the resized image
         captions.json            [[str, ...], ...]: every caption of example i (one is drawn per position)
         meta.json                {"identity": what produced the cache, "examples": N, "unreadable": count}
 
@@ -31,9 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from sdjax.data.source import image_preprocess, make_source, to_pixels
-from sdjax.data.preprocess import Draws, caption_values, choose_caption, draw
+from sdjax.data.preprocess import Draws, ImageView, caption_values, choose_caption, draw, dropped
 
-FORMAT = 1  # bumped when the files change, so an old cache is rebuilt rather than misread
+FORMAT = 2  # bumped when the files change, so an old cache is rebuilt rather than misread
 
 # (pixels float32 (n, R, R, 3) in [-1, 1]) -> (mean, logvar) float32 (n, h, w, C)
 Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -50,13 +52,16 @@ def check_cacheable(data_config) -> None:
 
 class LatentCache:
     """The cache in `folder` as a random-access source: example i is {"latent_mean", "latent_logvar",
-    "captions"}, or None where its image was unreadable (where the pixel stream has None too)."""
+    "original_size", "crop_top_left", "captions"}, or None where its image was unreadable (where the
+    pixel stream has None too)."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.mean = np.load(os.path.join(folder, "mean.npy"), mmap_mode="r")
         self.logvar = np.load(os.path.join(folder, "logvar.npy"), mmap_mode="r")
         self.readable = np.load(os.path.join(folder, "readable.npy"))
+        self.original_size = np.load(os.path.join(folder, "original_size.npy"))
+        self.crop_top_left = np.load(os.path.join(folder, "crop_top_left.npy"))
         with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
             self.captions = json.load(f)
 
@@ -67,6 +72,7 @@ class LatentCache:
         if not self.readable[index]:
             return None
         return {"latent_mean": np.array(self.mean[index]), "latent_logvar": np.array(self.logvar[index]),
+                "original_size": self.original_size[index], "crop_top_left": self.crop_top_left[index],
                 "captions": self.captions[index]}
 
     def __reduce__(self):  # grain worker processes reopen the files instead of receiving copies of them
@@ -76,14 +82,16 @@ class LatentCache:
 @dataclasses.dataclass(frozen=True)
 class CachedExample:
     """The cached stream's per-example transform: the pixel stream's draws, of which only the caption's
-    (dropout, choice) apply here."""
+    (dropout, choice) apply here; the keys of the pixel stream's examples, with the posterior for the image."""
 
     caption_dropout: float
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, Any]:
-        caption = choose_caption(np.asarray(example["captions"], dtype=object), draw(rng), self.caption_dropout)
+        draws = draw(rng)
+        caption = choose_caption(np.asarray(example["captions"], dtype=object), draws, self.caption_dropout)
         return {"latent_mean": example["latent_mean"], "latent_logvar": example["latent_logvar"],
-                "caption": caption}
+                "caption": caption, "caption_dropped": np.bool_(dropped(draws, self.caption_dropout)),
+                "original_size": example["original_size"], "crop_top_left": example["crop_top_left"]}
 
 
 def dataset_identity(data_config, source: Sequence[dict]) -> dict[str, Any]:
@@ -138,7 +146,8 @@ def ensure_latent_cache(folder: str, data_config, encode: Encode, identity: dict
 
 
 class _Read:
-    """Example -> its centre-cropped image (zeros where unreadable: every row keeps its index) and captions."""
+    """Example -> its centre-cropped image (zeros where unreadable: every row keeps its index), its
+    original size and crop corner, and its captions."""
 
     # Centre crop and no flip (check_cacheable) use none of the draws.
     NO_DRAWS = Draws(drop=0.0, flip=1.0, crop_y=0.5, crop_x=0.5, pick=0.0)
@@ -147,10 +156,12 @@ class _Read:
         self.preprocess = image_preprocess(data_config)
 
     def __call__(self, example: dict) -> dict[str, Any]:
-        image = self.preprocess.image(example, self.NO_DRAWS)
-        side = self.preprocess.resolution
-        return {"image": np.zeros((side, side, 3), np.uint8) if image is None else image,
-                "readable": image is not None, "captions": caption_values(example[self.preprocess.caption_key])}
+        view = self.preprocess.image(example, self.NO_DRAWS)
+        side, readable = self.preprocess.resolution, view is not None
+        if not readable:
+            view = ImageView(np.zeros((side, side, 3), np.uint8), np.zeros(2, np.int32), np.zeros(2, np.int32))
+        return {"image": view.pixels, "original_size": view.original_size, "crop_top_left": view.crop_top_left,
+                "readable": readable, "captions": caption_values(example[self.preprocess.caption_key])}
 
 
 def _write(staging: str, source: Sequence[dict], data_config, encode: Encode, chunk: int, progress: bool) -> int:
@@ -161,6 +172,7 @@ def _write(staging: str, source: Sequence[dict], data_config, encode: Encode, ch
                                      prefetch_buffer_size=int(data_config.prefetch_buffer))
     examples = iter(grain.MapDataset.source(source).map(_Read(data_config)).to_iter_dataset(read_options))
     readable, captions, moments = np.zeros(count, bool), [], None
+    sizes = {name: np.zeros((count, 2), np.int32) for name in ("original_size", "crop_top_left")}
     with tqdm(total=count, unit="image", desc="latent cache", disable=not progress) as bar:
         for start in range(0, count, chunk):
             part = list(itertools.islice(examples, chunk))
@@ -172,11 +184,15 @@ def _write(staging: str, source: Sequence[dict], data_config, encode: Encode, ch
             stop = start + len(part)
             moments[0][start:stop], moments[1][start:stop] = mean, logvar
             readable[start:stop] = [e["readable"] for e in part]
+            for name, array in sizes.items():
+                array[start:stop] = [e[name] for e in part]
             captions.extend(e["captions"] for e in part)
             bar.update(len(part))
     for array in moments:
         array.flush()
     np.save(os.path.join(staging, "readable.npy"), readable)
+    for name, array in sizes.items():
+        np.save(os.path.join(staging, f"{name}.npy"), array)
     with open(os.path.join(staging, "captions.json"), "w", encoding="utf-8") as f:
         json.dump(captions, f, ensure_ascii=False)
     return int(count - readable.sum())

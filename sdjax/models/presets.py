@@ -93,8 +93,8 @@ PRESETS["small"] = _small_family([16, 32, 64, 64], [64, 128], heads=4, text_widt
                                  latent_side=8, text_positions=16, latent_channels=8, unet_layers=2)
 
 # SDXL base 1.0 and refiner 1.0 (stabilityai/stable-diffusion-xl-*-1.0), as their config.json files give
-# them. Kept apart from PRESETS until SDXL can be trained and planned; parameter counts and key layouts are
-# tested against the reference classes.
+# them (parameter counts and key layouts are tested against the reference classes). For planning and
+# structure; they are fine-tuned from a checkpoint (model.pretrained), not trained from scratch.
 _SDXL_TEXT_L = dict(PRESETS["sd15"]["text_encoder"], hidden_act="quick_gelu")
 _SDXL_TEXT_G = {
     "architectures": ["CLIPTextModelWithProjection"], "vocab_size": 49408, "hidden_size": 1280,
@@ -102,7 +102,7 @@ _SDXL_TEXT_G = {
     "hidden_act": "gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2, "projection_dim": 1280,
 }
 _SDXL_VAE = dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-SDXL: dict[str, dict[str, dict]] = {
+PRESETS.update({
     "sdxl": {
         "text_encoder": _SDXL_TEXT_L, "text_encoder_2": _SDXL_TEXT_G, "vae": _SDXL_VAE,
         "unet": dict(_SD_UNET, block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
@@ -121,4 +121,11 @@ SDXL: dict[str, dict[str, dict]] = {
                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
     },
+})
+
+# What a preset's model_index.json says beyond its components (the SD presets: nothing).
+PIPELINE_OPTIONS: dict[str, dict] = {
+    "sdxl": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+    "sdxl_refiner": {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+                     "force_zeros_for_empty_prompt": False},
 }

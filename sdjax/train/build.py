@@ -49,6 +49,9 @@ def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[
         raise ValueError("model.pretrained is empty: give a diffusers folder to fine-tune "
                          "(--config.model.pretrained=PATH), or an architecture to train from scratch")
     architecture = preset(model.architecture)
+    if set(architecture) != {"text_encoder", "vae", "unet"}:
+        raise ValueError(f"model.architecture {model.architecture!r}: training from scratch builds SD-style models "
+                         f"(one text encoder); fine-tune {model.architecture} from a checkpoint (model.pretrained)")
     configs, params = {}, {}
     if model.text_encoder_from:
         configs["text_encoder"], params["text_encoder"] = _stage_component(model.text_encoder_from, "text_encoder",

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sdjax.conditioning import encode_text, unet_call
+from sdjax.conditioning import batch_conditioning, unet_call
 from sdjax.models.clip import contrastive_loss
 from sdjax.schedulers.base import ScheduleConfig, alphas_cumprod
 from sdjax.train.loss import min_snr_weights, noise_latents, prediction_target, sample_noise, weighted_mse
@@ -42,7 +42,8 @@ def diffusion_objective(model, config: ml_collections.ConfigDict) -> Objective:
     """The noise-prediction loss of latent diffusion for `model`'s UNet (VAE frozen). The batch holds the
     token ids of each tokenizer (sdjax.conditioning.tokenizer_fn), and "pixels" to encode or the
     posterior's "latent_mean" and "latent_logvar" cached by an earlier encode (sdjax.data.latent_cache):
-    the same latents, sampled with the same draws."""
+    the same latents, sampled with the same draws. SDXL also reads the batch's "caption_dropped",
+    "original_size" and "crop_top_left" (sdjax.conditioning.batch_conditioning)."""
     schedule = ScheduleConfig.from_dict(model.scheduler_config)
     abar = jnp.asarray(alphas_cumprod(schedule))
     num_timesteps, prediction_type = schedule.num_train_timesteps, schedule.prediction_type
@@ -57,7 +58,9 @@ def diffusion_objective(model, config: ml_collections.ConfigDict) -> Objective:
                 "noise": sample_noise(k_noise, shape, loss_cfg.offset_noise)}
 
     def loss(networks: dict[str, Any], batch: dict, rand: dict) -> jax.Array:
-        cond = encode_text(model, networks, batch)
+        shape = _latent_shape(vae, batch)
+        cond = batch_conditioning(model, networks, batch, (shape[1] * vae.config.downscale,
+                                                           shape[2] * vae.config.downscale))
         if "latent_mean" in batch:
             mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         else:

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdjax.conditioning import tokenizer_fn
+from sdjax.conditioning import takes_added_conditions, tokenizer_fn, uses_aesthetic_score
 from sdjax.data.latent_cache import check_cacheable, ensure_latent_cache
 from sdjax.models.attention import resolved_impl
 from sdjax.parallel import sync_processes, to_host
 from sdjax.pipeline import generate
-from sdjax.stable_diffusion import save
+from sdjax.stable_diffusion import Model, save
 from sdjax.train.build import build_model
 from sdjax.train.checkpoint import fingerprint
 from sdjax.train.objectives import diffusion_objective
@@ -32,14 +32,23 @@ def check(config: ml_collections.ConfigDict) -> None:
         check_cacheable(config.data)
 
 
-def trained(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The UNet, and the text encoder with model.train_text_encoder."""
-    return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
+def trained(config: ml_collections.ConfigDict, model: Model) -> tuple[str, ...]:
+    """The UNet, and with model.train_text_encoder every text encoder of `model` (SDXL: both)."""
+    encoders = tuple(enc.encoder for enc in model.text) if config.model.train_text_encoder else ()
+    return ("unet",) + encoders
+
+
+def check_model(model: Model) -> None:
+    """Refuses models this task cannot train, in one line."""
+    if takes_added_conditions(model) and uses_aesthetic_score(model):
+        raise ValueError("model.pretrained: an SDXL refiner (requires_aesthetics_score) conditions on a per-image "
+                         "aesthetic score the training data does not carry; fine-tune the SDXL base instead")
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
     start = build_model(config.model, workdir)
     model = start.model
+    check_model(model)
 
     def export(all_params: dict, folder: str) -> None:
         save(model, all_params, folder)
@@ -58,7 +67,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
         sync_processes("latent cache ready")
         return folder
 
-    names = trained(config)
+    names = trained(config, model)
     return Task(networks=dict(model.networks), params=dict(start.params), trained=names,
                 objective=diffusion_objective(model, config), tokenize=tokenizer_fn(model),
                 identity=fingerprint(model, names), export=export, preview=preview,
