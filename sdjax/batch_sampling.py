@@ -34,11 +34,12 @@ class Job:
     init_image: str | None = None  # img2img / inpainting source file
     mask: str | None = None        # inpainting mask file (white = repaint)
     strength: float | None = None
+    karras: bool = False  # Karras sigmas (use_karras_sigmas)
 
     def batch_key(self) -> tuple:
         """Images with equal keys share one compiled program and can be batched."""
-        return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.init_image is not None,
-                self.mask is not None, self.strength)
+        return (self.steps, self.guidance, self.scheduler, self.karras, self.height, self.width,
+                self.init_image is not None, self.mask is not None, self.strength)
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -112,6 +113,15 @@ def _scheduler(value: str) -> str:
     return value
 
 
+SCHEDULES = ("default", "karras")
+
+
+def _schedule(value: str) -> str:
+    if value not in SCHEDULES:
+        raise ValueError(f"{value!r} is unknown; known: {', '.join(SCHEDULES)}")
+    return value
+
+
 def _size(value: str | int) -> str | int:
     parse_size(value)
     return value
@@ -150,6 +160,9 @@ FIELDS: dict[str, Field] = {
     "steps": Field(int, _at_least(1), 30, "denoising steps (default 30)"),
     "guidance": Field(float, _finite, 7.5, "classifier-free guidance scale (default 7.5; <= 1: unguided)"),
     "scheduler": Field(str, _scheduler, None, "scheduler family (default: the checkpoint's own)"),
+    "schedule": Field(str, _schedule, "default", "sigma schedule: default (the scheduler's) or karras (for lms, "
+                                                 "euler, heun, dpmpp_2m, unipc; dpmpp_2m + karras is A1111's "
+                                                 "'DPM++ 2M Karras') (default: default)"),
     "size": Field(str, _size, None, "N or HxW in pixels, multiples of 8 (default: the init image's size, else the "
                                     "model's native size)", json_kinds=(int, str)),
     "num_images": Field(int, _at_least(1), 1, "images per prompt (default 1)"),
@@ -253,6 +266,8 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
     init image's size, else the model's native size. `default_scheduler()` names the model's own
     scheduler family, asked for only if some job uses it.
     """
+    from sdjax.schedulers import KARRAS_FAMILIES
+
     defaults = {key: field.default for key, field in FIELDS.items()} | flags
     if defaults["seed"] == RANDOM_SEED:
         defaults["seed"] = draw_seed()
@@ -290,9 +305,14 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
             raise ValueError(f"{entry.source('seed')} {seed} + {s['num_images'] - 1} more images: seeds must stay "
                              "below 2**64")
         scheduler = s["scheduler"] or default_scheduler()
+        karras = s["schedule"] == "karras"
+        if karras and scheduler not in KARRAS_FAMILIES:
+            raise ValueError(f"{entry.source('schedule')} karras: scheduler {scheduler!r} has no Karras schedule; "
+                             f"use one of {', '.join(KARRAS_FAMILIES)}")
         for k in range(s["num_images"]):
             jobs.append(Job(entry.prompt, s["negative_prompt"], seed + k, s["steps"], float(s["guidance"]),
-                            scheduler, height, width, source, mask, None if strength is None else float(strength)))
+                            scheduler, height, width, source, mask, None if strength is None else float(strength),
+                            karras))
     return jobs
 
 
@@ -362,6 +382,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
         # zero embeddings as diffusers and A1111 do; for SD 1.x/2.x it is the empty prompt either way.
         negatives = None if all(not j.negative_prompt for j in group) else [j.negative_prompt for j in group]
         common = dict(num_steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
+                      scheduler_options={"use_karras_sigmas": True} if first.karras else None,
                       height=first.height, width=first.width, seed=[j.seed for j in group])
         if refiner is None:
             images = sd.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength, **common)
@@ -370,8 +391,11 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
             images = refiner.sd.generate(prompts, negatives, init_latents=latents, denoising_start=refiner.switch,
                                          **common)
         for job, image in zip(group, images):
-            settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.scheduler], "CFG scale": job.guidance,
-                        "Seed": job.seed, "Size": f"{job.width}x{job.height}", "Model": model_name}
+            settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.scheduler]}
+            if job.karras:  # A1111's key and value for it
+                settings["Schedule type"] = "Karras"
+            settings.update({"CFG scale": job.guidance, "Seed": job.seed, "Size": f"{job.width}x{job.height}",
+                             "Model": model_name})
             if job.init_image:
                 settings["Denoising strength"] = job.strength or (1.0 if job.mask else 0.8)
             if refiner is not None:  # A1111's names for its refiner settings

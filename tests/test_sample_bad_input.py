@@ -59,6 +59,9 @@ BIG = str(2**70)
     (["--init-image", "IMG", "--steps", "1"], "--prompt: 1 steps at strength 0.8 leave no denoising step"),
     (["--init-image", "IMG", "--size", "16"], "--init-image IMG: image is 32x32 (HxW); the job's size is 16x16"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--schedule", "fast"], "--schedule 'fast' is unknown; known: default, karras"),
+    (["--schedule", "karras", "--scheduler", "ddim"], "--schedule karras: scheduler 'ddim' has no Karras schedule; "
+                                                      "use one of lms, euler, heun, dpmpp_2m, unipc"),
 ])
 def test_bad_flags(checkpoints, tmp_path, capsys, no_compile, extra, message):
     image = _image(tmp_path / "init.png", 32, 32)

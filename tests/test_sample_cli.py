@@ -150,6 +150,21 @@ def test_sdxl_base_with_refiner(sdxl_checkpoints, checkpoints, tmp_path):
     expected = sdjax.load(refiner).generate(["a red circle"], init_latents=latents, denoising_start=0.7, **kwargs)
     with Image.open(out / name) as im:
         assert np.abs(np.asarray(im).astype(np.float32) / 255 - expected[0]).max() <= 1.5 / 255
+    # DPM++ 2M Karras, as A1111 names it in the PNG, is the API's dpmpp_2m with Karras sigmas.
+    karras = tmp_path / "karras"
+    result = run_cli("--model", base, "--prompt", "a red circle", "--steps", "4", "--size", "32", "--seed", "3",
+                     "--scheduler", "dpmpp_2m", "--schedule", "karras", "--guidance", "5", "--out", str(karras))
+    assert result.returncode == 0, result.stderr
+    (name,) = os.listdir(karras)
+    _, _, settings = parse_parameters(read_parameters(str(karras / name)))
+    assert (settings["Sampler"], settings["Schedule type"]) == ("DPM++ 2M", "Karras")
+    common = dict(num_steps=4, guidance_scale=5.0, height=32, width=32, seed=[3], scheduler="dpmpp_2m")
+    sd = sdjax.load(base)
+    expected = sd.generate(["a red circle"], scheduler_options={"use_karras_sigmas": True}, **common)[0]
+    plain = sd.generate(["a red circle"], **common)[0]
+    assert np.abs(expected - plain).max() > 10 / 255  # the schedule matters on this model
+    with Image.open(karras / name) as im:
+        assert np.abs(np.asarray(im).astype(np.float32) / 255 - expected).max() <= 1.5 / 255
     result = run_cli("--model", checkpoints["sd1"][0], "--refiner", refiner, "--prompt", "x", "--out",
                      str(tmp_path / "none"))
     assert result.returncode == 2 and "--model: not an SDXL model" in result.stderr

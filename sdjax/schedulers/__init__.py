@@ -44,6 +44,10 @@ def scheduler_name(config: dict[str, Any]) -> str:
                      f"pass one of: {', '.join(SCHEDULERS)}")
 
 
+# The families whose sigmas use_karras_sigmas respaces (A1111's "Schedule type: Karras"); the others
+# (DDIM, DDPM, PNDM, Euler a, as in diffusers) ignore it, so asking them for it is refused.
+KARRAS_FAMILIES = ("lms", "euler", "heun", "dpmpp_2m", "unipc")
+
 # scheduler_config keys an option may override (diffusers' from_config(config, **overrides)), e.g.
 # use_karras_sigmas=True for "DPM++ 2M Karras": the common ones and those a family reads.
 CONFIG_OPTIONS = frozenset({f.name for f in dataclasses.fields(ScheduleConfig)} - {"raw"}) | frozenset({
@@ -73,5 +77,5 @@ def make_scheduler(name: str | None, config: dict[str, Any], num_steps: int, **o
     return family(ScheduleConfig.from_dict(merged), num_steps, **{k: v for k, v in options.items() if k in own})
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "ScheduleConfig", "denoise", "make_scheduler", "per_image_normal",
+__all__ = ["KARRAS_FAMILIES", "SCHEDULERS", "Scheduler", "ScheduleConfig", "denoise", "make_scheduler", "per_image_normal",
            "scheduler_name"]
