@@ -23,6 +23,7 @@ import numpy as np
 from sdjax.conditioning import TextEncoding, text_encodings, tokenizer_fn
 from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_json, read_model_index,
                                      save_pipeline)
+from sdjax.convert.single_file import save_single_file
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import load_tokenizer
 
@@ -115,16 +116,27 @@ class StableDiffusion:
         params = {n: place_params(p, networks[n], mesh, rules) for n, p in self.params.items()}
         return dataclasses.replace(self, params=params, mesh=mesh, rules=rules)
 
-    def save(self, folder: str, dtype: Any = None) -> None:
-        """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`."""
-        save(self.model, self.params, folder, dtype)
+    def save(self, path: str, dtype: Any = None, layout: str = "diffusers") -> None:
+        """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`, or with
+        layout="single_file" to one .safetensors file in the original layout (SD 1.x)."""
+        save(self.model, self.params, path, dtype, layout)
 
 
-def save(model: Model, params: Mapping[str, Any], folder: str, dtype: Any = None) -> None:
-    """Writes `model` with `params` as a new diffusers folder; `dtype` (e.g. np.float16) casts float weights."""
-    save_pipeline(folder, configs=model.configs, params=jax.tree.map(np.asarray, dict(params)),
-                  tokenizers=dict(model.tokenizers), scheduler_config=dict(model.scheduler_config),
-                  model_index=dict(model.model_index), dtype=dtype)
+LAYOUTS = ("diffusers", "single_file")
+
+
+def save(model: Model, params: Mapping[str, Any], path: str, dtype: Any = None, layout: str = "diffusers") -> None:
+    """Writes `model` with `params` as a new diffusers folder, or with layout="single_file" as one new
+    .safetensors file in the original LDM layout (SD 1.x; what A1111 and ComfyUI load); `dtype` (e.g.
+    np.float16) casts float weights."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    host = jax.tree.map(np.asarray, dict(params))
+    if layout == "single_file":
+        save_single_file(path, model.configs, host, dtype)
+        return
+    save_pipeline(path, configs=model.configs, params=host, tokenizers=dict(model.tokenizers),
+                  scheduler_config=dict(model.scheduler_config), model_index=dict(model.model_index), dtype=dtype)
 
 
 def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "auto",

@@ -1,5 +1,9 @@
-"""Single-file checkpoints (the original LDM layout): the key maps against diffusers' own LDM converters."""
+"""Single-file checkpoints (the original LDM layout): key maps against diffusers' own LDM converters, and exports
+that diffusers' from_single_file reads back bitwise."""
 
+import os
+
+import numpy as np
 import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
@@ -53,3 +57,58 @@ def test_vae_keys_are_the_inverse_of_diffusers_ldm_conversion():
     back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
     assert set(back) == set(state)
     assert all(torch.equal(back[k].reshape(state[k].shape), state[k]) for k in state)
+
+
+def _state_dicts_equal(ours, theirs) -> None:
+    ours, theirs = ours.state_dict(), theirs.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_single_file_export_loads_in_diffusers_as_the_same_model(checkpoints, tmp_path):
+    """sd.save(path, layout="single_file") writes the LDM layout; diffusers' from_single_file (its own
+    converters, configs from the tiny folder) reads back every network bitwise; fp16 casts the weights."""
+    import diffusers
+
+    import sdjax
+
+    from diffusers import UNet2DConditionModel
+
+    # The tiny sd1 folder with a UNet of one layers_per_block for every level, which diffusers' converter needs.
+    folder = str(tmp_path / "uniform")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoints["sd1"][0])
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(**UNETS["sd1"])
+    pipe.save_pretrained(folder)
+    sd = sdjax.load(folder)
+    path = tmp_path / "model.safetensors"
+    sd.save(str(path), layout="single_file")
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    loaded = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=folder, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        _state_dicts_equal(getattr(loaded, name), getattr(reference, name))
+    from sdjax.convert.safetensors_io import read_safetensors
+
+    tensors = read_safetensors(str(path))
+    assert {k.split(".")[0] for k in tensors} == {"model", "first_stage_model", "cond_stage_model"}
+    assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4  # stored as a 1x1 conv
+    half = tmp_path / "half.safetensors"
+    sd.save(str(half), dtype=np.float16, layout="single_file")
+    assert {str(v.dtype) for v in read_safetensors(str(half)).values()} == {"float16"}
+    with pytest.raises(sdjax.CheckpointError, match="already exists"):
+        sd.save(str(path), layout="single_file")
+
+
+def test_single_file_export_refuses_what_it_cannot_write(checkpoints, sdxl_checkpoints, tmp_path):
+    import sdjax
+
+    for folder, message in ((checkpoints["sd2"][0], "OpenCLIP"), (sdxl_checkpoints["base"][0], "SDXL")):
+        with pytest.raises(sdjax.CheckpointError, match=message):
+            sdjax.load(folder).save(str(tmp_path / "x.safetensors"), layout="single_file")
+    sd = sdjax.load(checkpoints["sd1"][0])
+    with pytest.raises(ValueError, match="layout: expected one of diffusers, single_file, got 'ckpt'"):
+        sd.save(str(tmp_path / "y"), layout="ckpt")
+    with pytest.raises(sdjax.CheckpointError, match="is a .safetensors file"):
+        sd.save(str(tmp_path / "z.ckpt"), layout="single_file")
+    assert os.listdir(tmp_path) == []  # nothing written

@@ -253,7 +253,7 @@ def _write_component(folder: str, name: str, config: Any, params: Any, dtype: An
     component = COMPONENTS[name]
     os.makedirs(os.path.join(folder, name))
     _write_json(os.path.join(folder, name, "config.json"), config.to_dict())
-    tensors = {component.export_key(k): _cast(v, dtype) for k, v in state_dict_from_params(params).items()}
+    tensors = {component.export_key(k): cast_floats(v, dtype) for k, v in state_dict_from_params(params).items()}
     write_safetensors(os.path.join(folder, name, component.weights + ".safetensors"), tensors)
 
 
@@ -287,7 +287,8 @@ def save_components(folder: str, *, configs: dict[str, Any], params: dict[str, A
             extra(staging)
 
 
-def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+def cast_floats(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """`array` cast to `dtype` if it is a float array and dtype is given (integer buffers keep theirs)."""
     return array.astype(dtype) if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating) else array
 
 
