@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.conditioning import TextEncoding, text_encodings, tokenizer_fn
-from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_json, read_model_index,
-                                     save_pipeline)
-from sdjax.convert.single_file import save_single_file
+from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_component_config, read_json,
+                                     read_model_index, save_pipeline)
+from sdjax.convert.safetensors_io import CheckpointError
+from sdjax.convert.single_file import read_single_file, save_single_file
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import load_tokenizer
 
@@ -140,12 +141,14 @@ def save(model: Model, params: Mapping[str, Any], path: str, dtype: Any = None, 
 
 
 def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "auto",
-         variant: str | None = None, allow_pickle: bool = False, to_device: bool = True) -> StableDiffusion:
-    """Loads a Stable Diffusion checkpoint from a diffusers folder: the components its model_index.json names.
+         variant: str | None = None, allow_pickle: bool = False, to_device: bool = True, config: str | None = None,
+         ema: bool = False) -> StableDiffusion:
+    """Loads a Stable Diffusion checkpoint from a diffusers folder (the components its model_index.json
+    names) or from a single file in the original LDM layout (SD 1.x so far).
 
     Args:
       path: folder with model_index.json and a sub-folder per component (text_encoder/, tokenizer/, unet/,
-        vae/, scheduler/ for SD 1.x/2.x).
+        vae/, scheduler/ for SD 1.x/2.x), or a single .safetensors file (.ckpt with allow_pickle).
       dtype: compute dtype of the networks (e.g. jnp.bfloat16 on TPU/GPU).
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
       attention_impl: "auto" (the Pallas kernel on TPU, "xla" elsewhere), "xla", "dot", "cudnn" or
@@ -153,21 +156,36 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
       variant: weight-file variant, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
       allow_pickle: also read .bin/.ckpt weights (unpickling can run code: only for trusted files).
       to_device: False keeps the parameters as host numpy arrays, to be placed (e.g. sharded) by the caller.
+      config: for a single file, the diffusers folder whose configs, tokenizers and scheduler describe its
+        model (its weights are not read), as diffusers' from_single_file(config=...) takes it.
+      ema: for a single file that holds both, the UNet's EMA weights instead of the others.
     """
     path = os.fspath(path)
-    model_index = read_model_index(path)
+    single = os.path.isfile(path)
+    if single and config is None:
+        raise CheckpointError(f"{path}: a single file needs config=FOLDER, a diffusers folder of the same model "
+                              "family whose configs and tokenizers describe it")
+    if not single and (config is not None or ema):
+        raise ValueError(f"{path}: config= and ema= are for single-file checkpoints, not diffusers folders")
+    folder = config if single else path
+    model_index = read_model_index(folder)
     param_dtype = param_dtype or dtype
     options = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     place = jnp.asarray if to_device else None
-    networks, params, tokenizers = {}, {}, {}
+    networks, params, tokenizers, configs = {}, {}, {}, {}
     for name in model_components(model_index):
-        if name in COMPONENTS:
-            config, params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
-                                                  allow_pickle=allow_pickle, place=place)
-            networks[name] = COMPONENTS[name].module_cls(config, **options)
+        if name in COMPONENTS and single:
+            configs[name] = read_component_config(folder, name)
+        elif name in COMPONENTS:
+            configs[name], params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
+                                                         allow_pickle=allow_pickle, place=place)
         elif name.startswith("tokenizer"):
-            tokenizers[name] = load_tokenizer(os.path.join(path, name))
-    scheduler_config = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+            tokenizers[name] = load_tokenizer(os.path.join(folder, name))
+    if single:
+        params = read_single_file(path, configs, ema=ema, dtype=np.dtype(param_dtype), place=place,
+                                  allow_pickle=allow_pickle)
+    networks = {name: COMPONENTS[name].module_cls(cfg, **options) for name, cfg in configs.items()}
+    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     model = Model(networks=networks, tokenizers=tokenizers, scheduler_config=scheduler_config,
                   model_index=model_index)
     return StableDiffusion(model, params)

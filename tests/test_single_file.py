@@ -3,6 +3,7 @@ that diffusers' from_single_file reads back bitwise."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
@@ -93,6 +94,10 @@ def test_single_file_export_loads_in_diffusers_as_the_same_model(checkpoints, tm
     tensors = read_safetensors(str(path))
     assert {k.split(".")[0] for k in tensors} == {"model", "first_stage_model", "cond_stage_model"}
     assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4  # stored as a 1x1 conv
+    back = sdjax.load(str(path), config=folder)  # and sdjax reads it back bitwise
+    for name in sd.params:
+        for ours, theirs in zip(jax.tree.leaves(back.params[name]), jax.tree.leaves(sd.params[name])):
+            np.testing.assert_array_equal(ours, theirs)
     half = tmp_path / "half.safetensors"
     sd.save(str(half), dtype=np.float16, layout="single_file")
     assert {str(v.dtype) for v in read_safetensors(str(half)).values()} == {"float16"}
@@ -112,3 +117,84 @@ def test_single_file_export_refuses_what_it_cannot_write(checkpoints, sdxl_check
     with pytest.raises(sdjax.CheckpointError, match="is a .safetensors file"):
         sd.save(str(tmp_path / "z.ckpt"), layout="single_file")
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def _tree_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    """The tiny sd1 model, its single-file export's tensors and the folder that configures it."""
+    import sdjax
+    from sdjax.convert.safetensors_io import read_safetensors
+
+    folder = checkpoints["sd1"][0]
+    sd = sdjax.load(folder)
+    path = str(tmp_path_factory.mktemp("single") / "sd1.safetensors")
+    sd.save(path, layout="single_file")
+    return sd, folder, {k: np.array(v) for k, v in read_safetensors(path).items()}
+
+
+def _write(tmp_path, tensors, name="model.safetensors") -> str:
+    from sdjax.convert.safetensors_io import write_safetensors
+
+    path = str(tmp_path / name)
+    write_safetensors(path, tensors)
+    return path
+
+
+def test_single_file_with_ema_buffers_and_old_text_keys(exported, tmp_path):
+    """What files in the wild hold beside the weights: the UNet's EMA copy (dots dropped from its keys),
+    schedule buffers, the EMA's counters and CLIP's position ids, text keys without "text_model." (old
+    transformers). The non-EMA weights are the default; ema=True takes the EMA copy."""
+    import sdjax
+    from sdjax.convert.single_file import SCHEDULE_BUFFERS, ema_key
+
+    sd, folder, tensors = exported
+    wild = {}
+    for key, value in tensors.items():
+        wild[key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = value
+        if key.startswith("model.diffusion_model."):
+            wild[ema_key(key)] = value + 1
+    wild.update({name: np.linspace(0, 1, 1000, dtype=np.float32) for name in SCHEDULE_BUFFERS})
+    wild.update({"model_ema.decay": np.float32(0.9999).reshape(()), "model_ema.num_updates": np.int32(7).reshape(()),
+                 "cond_stage_model.transformer.embeddings.position_ids": np.arange(77, dtype=np.int64)[None]})
+    path = _write(tmp_path, wild)
+    plain = sdjax.load(path, config=folder)
+    _tree_equal(plain.params, sd.params)
+    ema = sdjax.load(path, config=folder, ema=True)
+    _tree_equal(ema.params["unet"], jax.tree.map(lambda p: p + 1, sd.params["unet"]))
+    _tree_equal(ema.params["vae"], sd.params["vae"])
+
+
+def test_bad_single_files_are_one_line_errors_naming_the_key(exported, tmp_path):
+    import sdjax
+
+    sd, folder, tensors = exported
+    cases = [
+        (dict(tensors, **{"model.diffusion_model.extra.weight": np.zeros(1, np.float32)}),
+         "unexpected tensor(s) 'model.diffusion_model.extra.weight'"),
+        ({k: v for k, v in tensors.items() if k != "model.diffusion_model.out.2.weight"},
+         "missing tensor(s) 'model.diffusion_model.out.2.weight'"),
+        (dict(tensors, **{"model.diffusion_model.out.2.weight": np.zeros((4, 32, 1, 1), np.float32)}),
+         "tensor 'model.diffusion_model.out.2.weight' has shape (4, 32, 1, 1); the model config expects "
+         "(4, 32, 3, 3)"),
+        (dict(tensors, **{"conditioner.embedders.1.model.ln_final.weight": np.zeros(4, np.float32)}), "a SDXL"),
+        (dict(tensors, **{"cond_stage_model.model.ln_final.weight": np.zeros(4, np.float32)}), "a SD 2.x"),
+    ]
+    for i, (file_tensors, message) in enumerate(cases):
+        path = _write(tmp_path, file_tensors, f"bad{i}.safetensors")
+        with pytest.raises(sdjax.CheckpointError) as error:
+            sdjax.load(path, config=folder)
+        assert message in str(error.value) and "\n" not in str(error.value), (message, str(error.value))
+    good = _write(tmp_path, tensors, "good.safetensors")
+    with pytest.raises(sdjax.CheckpointError, match="ema=True, but the file holds no EMA weights"):
+        sdjax.load(good, config=folder, ema=True)
+    with pytest.raises(sdjax.CheckpointError, match="needs config=FOLDER"):
+        sdjax.load(good)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not read")
+    with pytest.raises(sdjax.CheckpointError, match="pickle weights are not read by default"):
+        sdjax.load(str(ckpt), config=folder)

@@ -182,11 +182,13 @@ def _read_weights(directory: str, stem: str, variant: str | None, allow_pickle: 
             if not allow_pickle:
                 raise CheckpointError(f"{pickled}: pickle weights are not read by default because unpickling can "
                                       f"run code; pass allow_pickle=True if you trust this file")
-            return _read_pickle(pickled), pickled
+            return read_pickle_weights(pickled), pickled
     raise CheckpointError(f"{single}: not found (no weights for this component)")
 
 
-def _read_pickle(path: str) -> dict[str, np.ndarray]:
+def read_pickle_weights(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch pickle (its "state_dict" where it wraps one), as numpy arrays; the caller
+    has checked that the user allows pickles."""
     try:
         import torch
     except ImportError:

@@ -82,9 +82,9 @@ def params_from_state_dict(abstract_params: Any, state_dict: dict[str, np.ndarra
     unexpected = sorted(set(state_dict) - set(by_key))
     missing = sorted(set(by_key) - set(state_dict))
     if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {_some(missing)} that the model config needs")
+        raise CheckpointError(f"{source}: missing tensor(s) {some_keys(missing)} that the model config needs")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) {_some(unexpected)} that the model config "
+        raise CheckpointError(f"{source}: unexpected tensor(s) {some_keys(unexpected)} that the model config "
                               f"does not have")
     laid_out = {}  # views in our layout; all shapes are checked before anything is placed
     for key, (path, leaf) in by_key.items():
@@ -102,6 +102,7 @@ def params_from_state_dict(abstract_params: Any, state_dict: dict[str, np.ndarra
     return flax.traverse_util.unflatten_dict(out)
 
 
-def _some(keys: list[str], limit: int = 5) -> str:
+def some_keys(keys: list[str], limit: int = 5) -> str:
+    """The first `limit` keys quoted, and how many more (for error messages)."""
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
