@@ -119,7 +119,7 @@ class StableDiffusion:
 
     def save(self, path: str, dtype: Any = None, layout: str = "diffusers") -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`, or with
-        layout="single_file" to one .safetensors file in the original layout (SD 1.x)."""
+        layout="single_file" to one .safetensors file in the original layout."""
         save(self.model, self.params, path, dtype, layout)
 
 
@@ -128,8 +128,8 @@ LAYOUTS = ("diffusers", "single_file")
 
 def save(model: Model, params: Mapping[str, Any], path: str, dtype: Any = None, layout: str = "diffusers") -> None:
     """Writes `model` with `params` as a new diffusers folder, or with layout="single_file" as one new
-    .safetensors file in the original LDM layout (SD 1.x; what A1111 and ComfyUI load); `dtype` (e.g.
-    np.float16) casts float weights."""
+    .safetensors file in the original LDM layout (what A1111 and ComfyUI load; see
+    sdjax.convert.single_file); `dtype` (e.g. np.float16) casts float weights."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     host = jax.tree.map(np.asarray, dict(params))
@@ -144,7 +144,7 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
          variant: str | None = None, allow_pickle: bool = False, to_device: bool = True, config: str | None = None,
          ema: bool = False) -> StableDiffusion:
     """Loads a Stable Diffusion checkpoint from a diffusers folder (the components its model_index.json
-    names) or from a single file in the original LDM layout (SD 1.x so far).
+    names) or from a single file in the original LDM layout (SD 1.x, 2.x, SDXL base and refiner).
 
     Args:
       path: folder with model_index.json and a sub-folder per component (text_encoder/, tokenizer/, unet/,

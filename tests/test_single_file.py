@@ -67,37 +67,53 @@ def _state_dicts_equal(ours, theirs) -> None:
         assert torch.equal(ours[key], theirs[key]), key
 
 
-def test_single_file_export_loads_in_diffusers_as_the_same_model(checkpoints, tmp_path):
-    """sd.save(path, layout="single_file") writes the LDM layout; diffusers' from_single_file (its own
-    converters, configs from the tiny folder) reads back every network bitwise; fp16 casts the weights."""
+# Tiny folder -> (pipeline class, the UNet config it gets: one layers_per_block for every level, which
+# diffusers' LDM converter needs).
+FAMILIES = {"sd1": ("StableDiffusionPipeline", UNETS["sd1"]), "sd2": ("StableDiffusionPipeline", UNETS["sd2"]),
+            "sdxl": ("StableDiffusionXLPipeline", _SDXL),
+            "refiner": ("StableDiffusionXLImg2ImgPipeline",
+                        dict(_SDXL, cross_attention_dim=40, projection_class_embeddings_input_dim=24 + 5 * 8))}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_single_file_export_loads_in_diffusers_as_the_same_model(family, checkpoints, sdxl_checkpoints, tmp_path):
+    """sd.save(path, layout="single_file") writes the original layout of each family; diffusers'
+    from_single_file (its own converters, configs from the folder) reads every network back bitwise, and
+    so does sdjax.load(path, config=folder)."""
     import diffusers
-
-    import sdjax
-
     from diffusers import UNet2DConditionModel
 
-    # The tiny sd1 folder with a UNet of one layers_per_block for every level, which diffusers' converter needs.
-    folder = str(tmp_path / "uniform")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoints["sd1"][0])
+    import sdjax
+    from sdjax.convert.safetensors_io import read_safetensors
+
+    cls_name, unet_config = FAMILIES[family]
+    source = {**{k: v[0] for k, v in checkpoints.items()}, "sdxl": sdxl_checkpoints["base"][0],
+              "refiner": sdxl_checkpoints["refiner"][0]}[family]
+    cls = getattr(diffusers, cls_name)
+    pipe = cls.from_pretrained(source)
     torch.manual_seed(0)
-    pipe.unet = UNet2DConditionModel(**UNETS["sd1"])
+    pipe.unet = UNet2DConditionModel(**unet_config)
+    folder = str(tmp_path / family)
     pipe.save_pretrained(folder)
     sd = sdjax.load(folder)
     path = tmp_path / "model.safetensors"
     sd.save(str(path), layout="single_file")
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
-    loaded = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=folder, local_files_only=True)
-    for name in ("unet", "vae", "text_encoder"):
-        _state_dicts_equal(getattr(loaded, name), getattr(reference, name))
-    from sdjax.convert.safetensors_io import read_safetensors
-
-    tensors = read_safetensors(str(path))
-    assert {k.split(".")[0] for k in tensors} == {"model", "first_stage_model", "cond_stage_model"}
-    assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4  # stored as a 1x1 conv
-    back = sdjax.load(str(path), config=folder)  # and sdjax reads it back bitwise
+    loaded = cls.from_single_file(str(path), config=folder, local_files_only=True)
     for name in sd.params:
-        for ours, theirs in zip(jax.tree.leaves(back.params[name]), jax.tree.leaves(sd.params[name])):
-            np.testing.assert_array_equal(ours, theirs)
+        _state_dicts_equal(getattr(loaded, name), getattr(pipe, name))
+    back = sdjax.load(str(path), config=folder)
+    for name in sd.params:
+        _tree_equal(back.params[name], sd.params[name])
+    tensors = read_safetensors(str(path))
+    assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4  # stored as a 1x1 conv
+    prefixes = {".".join(k.split(".")[:3]) if k.startswith("conditioner") else k.split(".")[0] for k in tensors}
+    assert prefixes == {"sd1": {"model", "first_stage_model", "cond_stage_model"},
+                        "sd2": {"model", "first_stage_model", "cond_stage_model"},
+                        "sdxl": {"model", "first_stage_model", "conditioner.embedders.0", "conditioner.embedders.1"},
+                        "refiner": {"model", "first_stage_model", "conditioner.embedders.0"}}[family]
+    if family != "sd1":  # OpenCLIP: fused q/k/v
+        fused = [k for k in tensors if k.endswith("transformer.resblocks.0.attn.in_proj_weight")]
+        assert len(fused) == 1 and tensors[fused[0]].shape[0] == 3 * tensors[fused[0]].shape[1]
     half = tmp_path / "half.safetensors"
     sd.save(str(half), dtype=np.float16, layout="single_file")
     assert {str(v.dtype) for v in read_safetensors(str(half)).values()} == {"float16"}
@@ -105,12 +121,9 @@ def test_single_file_export_loads_in_diffusers_as_the_same_model(checkpoints, tm
         sd.save(str(path), layout="single_file")
 
 
-def test_single_file_export_refuses_what_it_cannot_write(checkpoints, sdxl_checkpoints, tmp_path):
+def test_single_file_export_refuses_bad_layouts_and_paths(checkpoints, tmp_path):
     import sdjax
 
-    for folder, message in ((checkpoints["sd2"][0], "OpenCLIP"), (sdxl_checkpoints["base"][0], "SDXL")):
-        with pytest.raises(sdjax.CheckpointError, match=message):
-            sdjax.load(folder).save(str(tmp_path / "x.safetensors"), layout="single_file")
     sd = sdjax.load(checkpoints["sd1"][0])
     with pytest.raises(ValueError, match="layout: expected one of diffusers, single_file, got 'ckpt'"):
         sd.save(str(tmp_path / "y"), layout="ckpt")
@@ -179,10 +192,10 @@ def test_bad_single_files_are_one_line_errors_naming_the_key(exported, tmp_path)
         ({k: v for k, v in tensors.items() if k != "model.diffusion_model.out.2.weight"},
          "missing tensor(s) 'model.diffusion_model.out.2.weight'"),
         (dict(tensors, **{"model.diffusion_model.out.2.weight": np.zeros((4, 32, 1, 1), np.float32)}),
-         "tensor 'model.diffusion_model.out.2.weight' has shape (4, 32, 1, 1); the model config expects "
-         "(4, 32, 3, 3)"),
-        (dict(tensors, **{"conditioner.embedders.1.model.ln_final.weight": np.zeros(4, np.float32)}), "a SDXL"),
-        (dict(tensors, **{"cond_stage_model.model.ln_final.weight": np.zeros(4, np.float32)}), "a SD 2.x"),
+         "tensor 'model.diffusion_model.out.2.weight' has shape (4, 32, 1, 1), which does not hold the "
+         "(4, 32, 3, 3) of unet's 'conv_out.weight'"),
+        (dict(tensors, **{"conditioner.embedders.1.model.ln_final.weight": np.zeros(4, np.float32)}),
+         "unexpected tensor(s) 'conditioner.embedders.1.model.ln_final.weight'"),
     ]
     for i, (file_tensors, message) in enumerate(cases):
         path = _write(tmp_path, file_tensors, f"bad{i}.safetensors")
@@ -198,3 +211,28 @@ def test_bad_single_files_are_one_line_errors_naming_the_key(exported, tmp_path)
     ckpt.write_bytes(b"not read")
     with pytest.raises(sdjax.CheckpointError, match="pickle weights are not read by default"):
         sdjax.load(str(ckpt), config=folder)
+
+
+def test_sd2_files_keep_the_24th_block_and_projection_that_sd2_never_runs(checkpoints, tmp_path):
+    """An original SD 2.x file holds one OpenCLIP block more than the text encoder SD 2.x runs (it takes
+    the penultimate layer), a text_projection and logit_scale: read past, exactly those."""
+    import sdjax
+    from sdjax.convert.safetensors_io import read_safetensors
+
+    folder = checkpoints["sd2"][0]
+    sd = sdjax.load(folder)
+    path = str(tmp_path / "sd2.safetensors")
+    sd.save(path, layout="single_file")
+    tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+    layers = sd.model.networks["text_encoder"].config.num_hidden_layers
+    prefix = "cond_stage_model.model."
+    extra = {k.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}."): v for k, v in tensors.items()
+             if k.startswith(f"{prefix}transformer.resblocks.{layers - 1}.")}
+    width = tensors[f"{prefix}ln_final.weight"].shape[0]
+    extra.update({f"{prefix}text_projection": np.ones((width, width), np.float32),
+                  f"{prefix}logit_scale": np.float32(4.6).reshape(())})
+    original = _write(tmp_path, {**tensors, **extra}, "original.safetensors")
+    _tree_equal(sdjax.load(original, config=folder).params, sd.params)
+    with pytest.raises(sdjax.CheckpointError, match=r"unexpected tensor\(s\) 'cond_stage_model.model.extra'"):
+        sdjax.load(_write(tmp_path, {**tensors, f"{prefix}extra": np.zeros(1, np.float32)}, "x.safetensors"),
+                   config=folder)

@@ -1,21 +1,31 @@
 """Single-file checkpoints in the original LDM layout (what A1111 and ComfyUI load): one safetensors file
-with every network under its component prefix, keys as sdjax.convert.ldm names them.
+with every network under its component prefix.
 
-    model.diffusion_model.*            the UNet
-    first_stage_model.*                the VAE (mid-block attention as 1x1 convolutions)
-    cond_stage_model.transformer.*     SD 1.x's CLIP ViT-L text encoder (transformers' keys)
-    model_ema.*                        the UNet's EMA weights, where saved (read with ema=True)
+    model.diffusion_model.*                  the UNet            } keys as sdjax.convert.ldm renames them
+    first_stage_model.*                      the VAE             } (VAE attention as 1x1 convolutions)
+    cond_stage_model.transformer.*           SD 1.x: CLIP ViT-L text, transformers' keys
+    cond_stage_model.model.*                 SD 2.x: OpenCLIP ViT-H text, OpenCLIP's keys
+    conditioner.embedders.0.transformer.*    SDXL base: CLIP ViT-L text, transformers' keys
+    conditioner.embedders.1.model.*          SDXL base: OpenCLIP bigG text with its projection
+    conditioner.embedders.0.model.*          SDXL refiner: OpenCLIP bigG text
+    model_ema.*                              the UNet's EMA weights, where saved (read with ema=True)
 
-Read and written for SD 1.x models (a CLIP text encoder in transformers' layout). SD 2.x and SDXL store
-their OpenCLIP text encoders in OpenCLIP's own layout (fused attention projections, `resblocks`), which
-this module does not handle yet: it refuses them by name rather than misread or write a file other tools
-misread. Reading is strict: every tensor is used except exactly those IGNORED_KEYS lists (and the EMA
-or the non-EMA UNet weights, whichever is not chosen).
+OpenCLIP's layout fuses each layer's q/k/v projections into `attn.in_proj_weight` / `in_proj_bias`,
+names the layers `transformer.resblocks.N` and stores `text_projection` transposed.
+
+SD 2.x: the original text tower has 24 blocks, diffusers' text encoder (and ours) the 23 that SD 2.x runs
+(it conditions on the penultimate layer) and no projection. Reading skips the 24th block and the
+projection; writing writes the 23 blocks held, without `text_projection`.
+
+Reading is strict: every tensor is used except exactly those `ignored` allows (the noise schedule's
+buffers, the EMA's counters, position-id buffers, OpenCLIP's logit_scale, SD 2.x's unused block and
+projection, and the EMA or the non-EMA UNet weights, whichever is not chosen).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from typing import Any, Callable, Mapping
 
@@ -30,27 +40,87 @@ from sdjax.convert.state_dict import (params_from_state_dict, some_keys, state_d
                                       torch_shape)
 from sdjax.models import abstract_params
 
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "text_encoder": "cond_stage_model.transformer."}
+TRANSFORMERS, OPEN_CLIP, LDM = "transformers", "open_clip", "ldm"  # key layouts of a network in the file
 
-
-# The noise schedule's buffers (LDM's DDPM registers them), the EMA's bookkeeping and CLIP's position-id
-# buffer: in single files, but no weights of ours.
+# The noise schedule's buffers (LDM's DDPM registers them) and the EMA's bookkeeping: in single files,
+# but no weights of ours.
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
-IGNORED_KEYS = frozenset(SCHEDULE_BUFFERS + ("model_ema.decay", "model_ema.num_updates",
-                                             "cond_stage_model.transformer.text_model.embeddings.position_ids"))
+IGNORED_KEYS = frozenset(SCHEDULE_BUFFERS + ("model_ema.decay", "model_ema.num_updates"))
 _EMA = "model_ema."
-_OTHER_FAMILIES = {"cond_stage_model.model.": "SD 2.x (OpenCLIP text encoder)",
-                   "conditioner.embedders.": "SDXL (two text encoders under conditioner.embedders)"}
+_UNET = "model.diffusion_model."
+
+
+def layout(configs: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Network name -> (its key prefix in the file, its key layout) for the model with these configs."""
+    files = {"unet": (_UNET, LDM), "vae": ("first_stage_model.", LDM)}
+    names = set(configs)
+    if "text_encoder_2" in names:  # SDXL: base with both encoders, refiner with the second alone
+        if "text_encoder" in names:
+            files.update(text_encoder=("conditioner.embedders.0.transformer.", TRANSFORMERS),
+                         text_encoder_2=("conditioner.embedders.1.model.", OPEN_CLIP))
+        else:
+            files.update(text_encoder_2=("conditioner.embedders.0.model.", OPEN_CLIP))
+    elif "text_encoder" in names:  # SD 1.x: OpenAI's CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu)
+        sd1 = configs["text_encoder"].hidden_act == "quick_gelu"
+        files.update(text_encoder=("cond_stage_model.transformer.", TRANSFORMERS) if sd1
+                     else ("cond_stage_model.model.", OPEN_CLIP))
+    if set(files) != names:
+        raise CheckpointError(f"single files hold Stable Diffusion's networks (unet, vae, text encoders); this model "
+                              f"has {', '.join(sorted(names))}")
+    return files
+
+
+_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias", "text_projection.weight": "text_projection"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def open_clip_key(key: str) -> tuple[str, int | None]:
+    """(OpenCLIP key, which third of it: 0/1/2 for q/k/v of the fused in_proj, else None) of a transformers
+    CLIP text key."""
+    if key in _OPEN_CLIP_TOP:
+        return _OPEN_CLIP_TOP[key], None
+    layer, module, leaf = _LAYER.match(key).groups()
+    base = f"transformer.resblocks.{layer}."
+    if module in _QKV:
+        return f"{base}attn.in_proj_{leaf}", _QKV.index(module)
+    return f"{base}{_OPEN_CLIP_LAYER[module]}.{leaf}", None
+
+
+def _file_keys(name: str, kind: str, config: Any, keys) -> dict[str, tuple[str, int | None]]:
+    """diffusers key -> (key in the file without prefix, third of a fused q/k/v or None) of network `name`."""
+    if kind == OPEN_CLIP:
+        return {key: open_clip_key(key) for key in keys}
+    return {key: (ldm_key, None) for key, ldm_key in ldm_keys(name, config, keys).items()}
 
 
 def ema_key(key: str) -> str:
     """The EMA copy's key of a UNet weight: LDM's EMA drops the dots ("model.diffusion_model.out.2.weight"
     -> "model_ema.diffusion_modelout2weight")."""
     return _EMA + key.removeprefix("model.").replace(".", "")
+
+
+def _to_file(kind: str, file_key: str, value: np.ndarray) -> np.ndarray:
+    """A diffusers-layout tensor as the file stores it: VAE attention as 1x1 convs, OpenCLIP's projection
+    transposed."""
+    if kind == LDM and VAE_CONV_ATTENTION.search(file_key):
+        return value[:, :, None, None]
+    return value.T if kind == OPEN_CLIP and file_key == "text_projection" else value
+
+
+def _from_file(kind: str, file_key: str, value: np.ndarray) -> np.ndarray:
+    """The reverse of _to_file (VAE attention also accepted as plain matrices)."""
+    if kind == LDM and VAE_CONV_ATTENTION.search(file_key) and value.ndim == 4:
+        return value[:, :, 0, 0]
+    return value.T if kind == OPEN_CLIP and file_key == "text_projection" else value
 
 
 def _read(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -63,80 +133,92 @@ def _read(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
         tensors = read_pickle_weights(path)
     else:
         raise CheckpointError(f"{path}: not a single-file checkpoint (.safetensors, or .ckpt with allow_pickle)")
-    # Files from before transformers put the text tower under "text_model.".
-    old = "cond_stage_model.transformer."
-    return {(old + "text_model." + k[len(old):] if k.startswith(old) and not k.startswith(old + "text_model.")
-             else k): v for k, v in tensors.items()}
+    # Files from before transformers put the CLIP text tower under "text_model.".
+    fixed = {}
+    for key, value in tensors.items():
+        for old in ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."):
+            if key.startswith(old) and not key.startswith(old + "text_model."):
+                key = old + "text_model." + key[len(old):]
+        fixed[key] = value
+    return fixed
+
+
+def _ignored(key: str, files: Mapping[str, tuple[str, str]], configs: Mapping[str, Any], ema: bool) -> bool:
+    """Whether a tensor of the file is knowingly left unused (see the module docstring)."""
+    if key in IGNORED_KEYS or key.startswith(_UNET if ema else _EMA):
+        return True
+    for name, (prefix, kind) in files.items():
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if kind == TRANSFORMERS:
+            return rest == "text_model.embeddings.position_ids"
+        if kind == OPEN_CLIP:
+            config = configs[name]
+            block = re.match(r"transformer\.resblocks\.(\d+)\.", rest)
+            projection = name == "text_encoder_2"  # SD 2.x's text encoder has no projection
+            return (rest == "logit_scale" or (rest == "text_projection" and not projection)
+                    or (block is not None and int(block.group(1)) >= config.num_hidden_layers))
+    return False
 
 
 def read_single_file(path: str, configs: Mapping[str, Any], *, ema: bool = False, dtype: Any = np.float32,
                      place: Callable[[np.ndarray], Any] | None = None,
                      allow_pickle: bool = False) -> dict[str, Any]:
-    """The parameters of each network of `configs` (SD 1.x: text_encoder, unet, vae) from the single file at
-    `path`, strictly; with `ema` the UNet's EMA weights. Values as load_component gives them (`dtype`,
-    placed one at a time by `place`)."""
+    """The parameters of each network of `configs` from the single file at `path`, strictly; with `ema`
+    the UNet's EMA weights. Values as load_component gives them (`dtype`, placed one at a time by `place`)."""
     tensors = _read(path, allow_pickle)
-    for prefix, family in _OTHER_FAMILIES.items():
-        if any(k.startswith(prefix) for k in tensors):
-            raise CheckpointError(f"{path}: a {family} single file; sdjax reads SD 1.x single files so far")
-    check_writable(configs)
+    files = layout(configs)
     if ema and not any(k.startswith(_EMA) and k not in IGNORED_KEYS for k in tensors):
         raise CheckpointError(f"{path}: ema=True, but the file holds no EMA weights (no model_ema.* tensors)")
     used, params = set(), {}
-    for name, prefix in PREFIXES.items():
+    for name, (prefix, kind) in files.items():
         component = COMPONENTS[name]
         shapes = abstract_params(component.module_cls(configs[name]))
         flat = flatten_dict(unfreeze(shapes))
         ours = {component.export_key(torch_key(p)): torch_key(p) for p in flat}
         expected = {torch_key(p): torch_shape(p, tuple(leaf.shape)) for p, leaf in flat.items()}
         state, missing = {}, []
-        for key, ldm_key in ldm_keys(name, configs[name], ours).items():
-            stored = prefix + ldm_key
+        for key, (file_key, third) in _file_keys(name, kind, configs[name], ours).items():
+            stored = prefix + file_key
             if ema and name == "unet":
                 stored = ema_key(stored)
             if stored not in tensors:
                 missing.append(stored)
                 continue
-            found, want = tuple(tensors[stored].shape), expected[ours[key]]
-            if found != want and found != want + (1, 1):  # + (1, 1): the VAE's attention as 1x1 convolutions
-                raise CheckpointError(f"{path}: tensor {stored!r} has shape {found}; the model config expects {want}")
-            state[ours[key]] = tensors[stored]
+            value = _from_file(kind, file_key, tensors[stored])
+            if third is not None:  # one of q/k/v: a third of the fused projection's rows
+                rows = value.shape[0] // 3
+                value = value[third * rows:(third + 1) * rows]
+            if tuple(value.shape) != expected[ours[key]]:
+                raise CheckpointError(f"{path}: tensor {stored!r} has shape {tuple(tensors[stored].shape)}, which "
+                                      f"does not hold the {expected[ours[key]]} of {name}'s {key!r}")
+            state[ours[key]] = value
             used.add(stored)
         if missing:
             raise CheckpointError(f"{path}: missing tensor(s) {some_keys(missing)} that the model config needs")
         params[name] = params_from_state_dict(shapes, state, path, dtype=dtype, place=place)
-    skipped = "model.diffusion_model." if ema else _EMA  # the UNet weights not chosen
-    unexpected = sorted(k for k in tensors if k not in used and k not in IGNORED_KEYS and not k.startswith(skipped))
+    unexpected = sorted(k for k in tensors if k not in used and not _ignored(k, files, configs, ema))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {some_keys(unexpected)} that the model config does "
                               "not have")
     return params
 
 
-def check_writable(configs: Mapping[str, Any]) -> None:
-    """Raises CheckpointError unless the networks are an SD 1.x model this layout holds."""
-    if set(configs) != set(PREFIXES):
-        raise CheckpointError(f"single files hold SD 1.x models (text_encoder, unet, vae); this model has "
-                              f"{', '.join(sorted(configs))} (SDXL and refiners are not written as single files yet)")
-    text = configs["text_encoder"]
-    if text.hidden_act != "quick_gelu":  # SD 2.x: OpenCLIP ViT-H, stored in OpenCLIP's own layout
-        raise CheckpointError("single files: the text encoder is OpenCLIP's (SD 2.x, hidden_act "
-                              f"{text.hidden_act!r}), whose single-file layout sdjax does not handle yet; use a "
-                              "diffusers folder instead")
-
-
 def single_file_state(configs: Mapping[str, Any], params: Mapping[str, Any],
                       dtype: Any = None) -> dict[str, np.ndarray]:
     """Every tensor of the model under its single-file key (host arrays, `dtype` casting float weights)."""
-    check_writable(configs)
-    tensors = {}
-    for name, prefix in PREFIXES.items():
+    tensors: dict[str, Any] = {}
+    for name, (prefix, kind) in layout(configs).items():
         state = {COMPONENTS[name].export_key(k): v for k, v in state_dict_from_params(params[name]).items()}
-        for key, ldm_key in ldm_keys(name, configs[name], state).items():
-            value = state[key]
-            if name == "vae" and VAE_CONV_ATTENTION.search(ldm_key):
-                value = value[:, :, None, None]
-            tensors[prefix + ldm_key] = cast_floats(value, dtype)
+        fused: dict[str, list] = {}
+        for key, (file_key, third) in _file_keys(name, kind, configs[name], state).items():
+            value = cast_floats(_to_file(kind, file_key, state[key]), dtype)
+            if third is None:
+                tensors[prefix + file_key] = value
+            else:
+                fused.setdefault(prefix + file_key, [None] * 3)[third] = value
+        tensors.update({key: np.concatenate(parts) for key, parts in fused.items()})
     return tensors
 
 
@@ -149,8 +231,8 @@ def save_single_file(path: str, configs: Mapping[str, Any], params: Mapping[str,
     if os.path.exists(path):
         raise CheckpointError(f"{path}: already exists; export to a new file")
     tensors = single_file_state(configs, params, dtype)
-    staging = os.path.join(os.path.dirname(path), f".sdjax-export-{uuid.uuid4().hex}.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = os.path.join(os.path.dirname(path), f".sdjax-export-{uuid.uuid4().hex}.safetensors")
     try:
         write_safetensors(staging, tensors)
         os.rename(staging, path)
