@@ -179,16 +179,16 @@ def _read_weights(directory: str, stem: str, variant: str | None, allow_pickle: 
     for ext in (".bin", ".ckpt", ".pt"):
         pickled = os.path.join(directory, stem + ext)
         if os.path.isfile(pickled):
-            if not allow_pickle:
-                raise CheckpointError(f"{pickled}: pickle weights are not read by default because unpickling can "
-                                      f"run code; pass allow_pickle=True if you trust this file")
-            return read_pickle_weights(pickled), pickled
+            return read_pickle_weights(pickled, allow_pickle), pickled
     raise CheckpointError(f"{single}: not found (no weights for this component)")
 
 
-def read_pickle_weights(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a PyTorch pickle (its "state_dict" where it wraps one), as numpy arrays; the caller
-    has checked that the user allows pickles."""
+def read_pickle_weights(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch pickle (its "state_dict" where it wraps one), as numpy arrays; refused
+    unless the user allows pickles."""
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: pickle weights are not read by default because unpickling can run code; "
+                              "pass allow_pickle=True if you trust this file")
     try:
         import torch
     except ImportError:

@@ -127,10 +127,7 @@ def _read(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         tensors = read_safetensors(path)
     elif path.endswith((".ckpt", ".pt", ".bin")):
-        if not allow_pickle:
-            raise CheckpointError(f"{path}: pickle weights are not read by default because unpickling can run "
-                                  "code; pass allow_pickle=True if you trust this file")
-        tensors = read_pickle_weights(path)
+        tensors = read_pickle_weights(path, allow_pickle)
     else:
         raise CheckpointError(f"{path}: not a single-file checkpoint (.safetensors, or .ckpt with allow_pickle)")
     # Files from before transformers put the CLIP text tower under "text_model.".
