@@ -83,7 +83,7 @@ def sampling_flops(sd: sdjax.StableDiffusion, s: Settings) -> float:
     guided = 2 if s.guidance > 1 else 1
     n, side = s.batch, s.latent_side
     text = traced_flops(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, n))
-    cond = abstract_conditioning(model, guided * n, s.resolution, s.resolution)
+    cond = abstract_conditioning(model, guided * n)
     step = traced_flops(lambda p, x, t, c: unet_call(model, p)(x, t, c), params,
                         jax.ShapeDtypeStruct((guided * n, side, side, model.unet.config.in_channels), jnp.float32),
                         jax.ShapeDtypeStruct((guided * n,), jnp.int32), cond)

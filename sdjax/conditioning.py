@@ -90,14 +90,18 @@ def abstract_ids(model, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {key: jax.ShapeDtypeStruct((batch, length), jnp.int32) for key, length in _id_lengths(model).items()}
 
 
-def abstract_conditioning(model, batch: int, height: int, width: int) -> Conditioning:
-    """The shapes of the Conditioning of `batch` height x width images (for lowering without data)."""
+def abstract_conditioning(model, batch: int) -> Conditioning:
+    """The shapes of the Conditioning of `batch` images (for lowering without data)."""
     params = {enc.encoder: abstract_params(model.networks[enc.encoder]) for enc in model.text}
     cond = jax.eval_shape(lambda p, ids: encode_text(model, p, ids), params, abstract_ids(model, batch))
     if takes_added_conditions(model):
-        count = len(time_ids(model, MicroConditioning(), height, width))
-        cond = cond._replace(time_ids=jax.ShapeDtypeStruct((batch, count), jnp.float32))
+        cond = cond._replace(time_ids=jax.ShapeDtypeStruct((batch, time_id_count(model)), jnp.float32))
     return cond
+
+
+def time_id_count(model) -> int:
+    """How many time ids `model`'s UNet takes per image (SDXL base 6, refiner 5), checked as `time_ids` does."""
+    return len(time_ids(model, MicroConditioning(), 8, 8))  # the count does not depend on the size
 
 
 def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) -> Conditioning:

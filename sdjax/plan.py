@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdjax.conditioning import (MicroConditioning, abstract_conditioning, abstract_ids, takes_added_conditions,
-                                time_ids, unet_call)
+from sdjax.conditioning import (abstract_conditioning, abstract_ids, takes_added_conditions, time_id_count,
+                                unet_call)
 from sdjax.convert.diffusers import COMPONENTS, model_components, read_component_config, read_json, read_model_index
 from sdjax.find_batch import largest_fitting_batch
 from sdjax.flops import compiled_cost, compiled_flops, traced_flops
@@ -256,8 +256,7 @@ def plan_sampling(model: Model, mesh: Mesh, rules: Any, batch: int, size: int, s
     noise = jax.ShapeDtypeStruct((batch, *latent), jnp.float32, sharding=rows(4))
     inputs = {"ids": ids, "neg_ids": ids, "keys": keys, "noise": noise}
     if takes_added_conditions(view):  # SDXL's time ids, one row per image and side of guidance
-        count = len(time_ids(view, MicroConditioning(), size, size))
-        inputs["time_ids"] = inputs["neg_time_ids"] = jax.ShapeDtypeStruct((batch, count), jnp.float32,
+        inputs["time_ids"] = inputs["neg_time_ids"] = jax.ShapeDtypeStruct((batch, time_id_count(view)), jnp.float32,
                                                                            sharding=rows(2))
     args = (_with_shardings(abstract, shardings), scale, inputs)
     compiled, seconds = _compile(build_program(view, plan, sched), args, mesh, rules, f"sampling (batch {batch})")
@@ -282,8 +281,7 @@ def model_call_flops(model: Model, batch: int, latent: tuple[int, int, int], gui
         unet_fn = unet_call(model, {"unet": params})
         return guided(unet_fn, cond, uncond if guidance_scale > 1 else None, scale, 0.0)(x, t)
 
-    factor = model.vae.config.downscale
-    cond = abstract_conditioning(model, batch, latent[0] * factor, latent[1] * factor)
+    cond = abstract_conditioning(model, batch)
     args = (abstract_params(model.unet), jax.ShapeDtypeStruct((batch, *latent), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), cond, cond, jax.ShapeDtypeStruct((), jnp.float32))
     return traced_flops(call, *args)
