@@ -20,8 +20,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from sdjax.cli import OneLineParser
 
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json inside); default: the "
-                                   "small shapes model shipped with sdjax (configs/shapes_model.py)")
+    p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json inside) or a single-file "
+                                   "checkpoint (.safetensors in the original layout: SD 1.x, 2.x, inpainting, SDXL "
+                                   "base or refiner, told apart by its keys); default: the small shapes model "
+                                   "shipped with sdjax (configs/shapes_model.py)")
+    p.add_argument("--model-config", metavar="FOLDER",
+                   help="for a single-file --model: a diffusers folder of the same family whose configs, tokenizers "
+                        "and scheduler describe it (default: those sdjax ships for the family)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="what the model predicts, overriding its scheduler config (single files without "
+                        "--model-config: v_prediction for SD 2.x and files marked v_pred, else epsilon)")
+    p.add_argument("--ema", action="store_true", help="a single-file --model's EMA weights, where it holds both")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl with objects holding 'prompt' and "
                                           "optionally any per-image setting below by its name (negative_prompt, "
@@ -29,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "strength), checked like the flag; every line is checked before the "
                                           "first image")
     add_field_flags(p)  # the per-image settings: defaults for every prompt
-    p.add_argument("--refiner", help="an SDXL refiner folder: the --model (an SDXL base) denoises until "
+    p.add_argument("--refiner", help="an SDXL refiner folder or single file: the --model (an SDXL base) denoises until "
                                      "--refiner-switch, the refiner does the rest (text-to-image jobs only)")
     p.add_argument("--refiner-switch", type=float, default=0.8,
                    help="fraction of the schedule the base runs before the refiner takes over (default 0.8)")
@@ -37,6 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--out", default="out", help="output directory (created; existing images are kept; default out/)")
     return p.parse_args(argv)
+
+
+def model_name(path: str) -> str:
+    """A model's name in the PNG parameters, as A1111 writes it: the folder's or the file's, without extension."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.splitext(name)[0] if os.path.isfile(path) else name
 
 
 def main(argv: list[str]) -> int:
@@ -69,7 +84,11 @@ def main(argv: list[str]) -> int:
         from sdjax.schedulers import scheduler_name
 
         model = args.model or sdjax.DEFAULT_MODEL
-        sd = sdjax.load(model, dtype=getattr(jnp, args.dtype))
+        single = os.path.isfile(model)
+        if not single and (args.model_config or args.ema):
+            raise ValueError(f"--model-config and --ema are for a single-file --model; {model} is not a file")
+        sd = sdjax.load(model, dtype=getattr(jnp, args.dtype), config=args.model_config, ema=args.ema,
+                        prediction_type=args.prediction_type)
         unet, vae = sd.model.unet, sd.model.vae
         native = unet.config.sample_size * vae.config.downscale
         jobs = job.expand_jobs(entries, flags, native_size=(native, native),
@@ -80,11 +99,11 @@ def main(argv: list[str]) -> int:
             if any(j.init_image for j in jobs):
                 raise ValueError("--refiner: only for text-to-image jobs (no --init-image / init_image)")
             refiner = job.Refiner(sdjax.load(args.refiner, dtype=getattr(jnp, args.dtype)), args.refiner_switch,
-                                  os.path.basename(os.path.normpath(args.refiner)))
+                                  model_name(args.refiner))
             job.check_refiner(sd, refiner)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        job.run(sd, jobs, args.out, args.batch_size, os.path.basename(os.path.normpath(model)), refiner)
+        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner)
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

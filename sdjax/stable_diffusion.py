@@ -23,8 +23,9 @@ import numpy as np
 from sdjax.conditioning import TextEncoding, text_encodings, tokenizer_fn
 from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_component_config, read_json,
                                      read_model_index, save_pipeline)
+from sdjax.convert.families import Description, check_prediction_type, describe_file
 from sdjax.convert.safetensors_io import CheckpointError
-from sdjax.convert.single_file import read_single_file, save_single_file
+from sdjax.convert.single_file import read_tensors, save_single_file, single_file_params
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import load_tokenizer
 
@@ -142,9 +143,9 @@ def save(model: Model, params: Mapping[str, Any], path: str, dtype: Any = None, 
 
 def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attention_impl: str = "auto",
          variant: str | None = None, allow_pickle: bool = False, to_device: bool = True, config: str | None = None,
-         ema: bool = False) -> StableDiffusion:
+         ema: bool = False, prediction_type: str | None = None) -> StableDiffusion:
     """Loads a Stable Diffusion checkpoint from a diffusers folder (the components its model_index.json
-    names) or from a single file in the original LDM layout (SD 1.x, 2.x, SDXL base and refiner).
+    names) or from a single file in the original LDM layout (SD 1.x, 2.x, inpainting, SDXL base and refiner).
 
     Args:
       path: folder with model_index.json and a sub-folder per component (text_encoder/, tokenizer/, unet/,
@@ -156,39 +157,56 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
       variant: weight-file variant, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors.
       allow_pickle: also read .bin/.ckpt weights (unpickling can run code: only for trusted files).
       to_device: False keeps the parameters as host numpy arrays, to be placed (e.g. sharded) by the caller.
-      config: for a single file, the diffusers folder whose configs, tokenizers and scheduler describe its
-        model (its weights are not read), as diffusers' from_single_file(config=...) takes it.
+      config: for a single file, a diffusers folder whose configs, tokenizers and scheduler describe its
+        model (its weights are not read), as diffusers' from_single_file(config=...) takes it; by default
+        those sdjax ships for the family the file's keys show (sdjax.convert.families).
       ema: for a single file that holds both, the UNet's EMA weights instead of the others.
+      prediction_type: "epsilon" or "v_prediction", overriding the scheduler's; for a single file without
+        config= the default follows sdjax.convert.families (SD 2.x: v_prediction).
     """
     path = os.fspath(path)
     single = os.path.isfile(path)
-    if single and config is None:
-        raise CheckpointError(f"{path}: a single file needs config=FOLDER, a diffusers folder of the same model "
-                              "family whose configs and tokenizers describe it")
     if not single and (config is not None or ema):
         raise ValueError(f"{path}: config= and ema= are for single-file checkpoints, not diffusers folders")
-    folder = config if single else path
-    model_index = read_model_index(folder)
     param_dtype = param_dtype or dtype
-    options = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     place = jnp.asarray if to_device else None
-    networks, params, tokenizers, configs = {}, {}, {}, {}
-    for name in model_components(model_index):
-        if name in COMPONENTS and single:
-            configs[name] = read_component_config(folder, name)
-        elif name in COMPONENTS:
-            configs[name], params[name] = load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
-                                                         allow_pickle=allow_pickle, place=place)
-        elif name.startswith("tokenizer"):
-            tokenizers[name] = load_tokenizer(os.path.join(folder, name))
     if single:
-        params = read_single_file(path, configs, ema=ema, dtype=np.dtype(param_dtype), place=place,
-                                  allow_pickle=allow_pickle)
-    networks = {name: COMPONENTS[name].module_cls(cfg, **options) for name, cfg in configs.items()}
-    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-    model = Model(networks=networks, tokenizers=tokenizers, scheduler_config=scheduler_config,
-                  model_index=model_index)
+        tensors = read_tensors(path, allow_pickle)
+        if config is None:
+            description = describe_file(path, tensors, prediction_type)
+        else:
+            description = _folder_description(config)
+        try:
+            params = single_file_params(path, tensors, description.configs, ema=ema, dtype=np.dtype(param_dtype),
+                                        place=place)
+        except CheckpointError as e:
+            if config is not None:
+                raise
+            raise CheckpointError(f"{e} (read as the {description.family} model sdjax ships; for another "
+                                  "architecture give its diffusers folder as config=, in sample.py "
+                                  "--model-config)") from None
+    else:
+        description = _folder_description(path)
+        params = {name: load_component(path, name, dtype=np.dtype(param_dtype), variant=variant,
+                                       allow_pickle=allow_pickle, place=place)[1] for name in description.configs}
+    scheduler_config = dict(description.scheduler_config)
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = check_prediction_type(prediction_type)
+    options = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
+    networks = {name: COMPONENTS[name].module_cls(cfg, **options) for name, cfg in description.configs.items()}
+    model = Model(networks=networks, tokenizers=description.tokenizers, scheduler_config=scheduler_config,
+                  model_index=description.model_index)
     return StableDiffusion(model, params)
+
+
+def _folder_description(folder: str) -> Description:
+    """A diffusers folder's configs, tokenizers, scheduler config and model_index (not its weights)."""
+    model_index = read_model_index(folder)
+    names = model_components(model_index)
+    configs = {name: read_component_config(folder, name) for name in names if name in COMPONENTS}
+    tokenizers = {name: load_tokenizer(os.path.join(folder, name)) for name in names if name.startswith("tokenizer")}
+    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    return Description("folder", configs, tokenizers, scheduler_config, model_index)
 
 
 __all__ = ["Model", "StableDiffusion", "load", "save", "CLIPTextConfig", "UNetConfig", "VAEConfig"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import heapq
 import json
 import os
 import re
 import sys
+import tempfile
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
@@ -102,6 +105,25 @@ def write_bpe_tokenizer(folder: str, merges: Sequence[tuple[str, str]] = (), pad
                                               model_max_length=max_length)
     save_tokenizer(tokenizer, folder)
     return load_tokenizer(folder)
+
+
+# OpenAI CLIP's BPE merges (the 48,894 that CLIP's tokenizer uses, from OpenCLIP's MIT-licensed
+# bpe_simple_vocab_16e6.txt.gz), shipped for single-file checkpoints, which carry no tokenizer. Every
+# Stable Diffusion tokenizer (SD 1.x, 2.x, both of SDXL's) is this vocabulary; they differ in the pad token.
+CLIP_MERGES = os.path.join(os.path.dirname(__file__), "assets", "clip", "merges.txt.gz")
+
+
+@functools.cache
+def _clip_merges() -> tuple[tuple[str, str], ...]:
+    with gzip.open(CLIP_MERGES, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:]  # after the "#version" line
+    return tuple(tuple(line.split(" ")) for line in lines if line)
+
+
+def clip_tokenizer(pad: str = "eos", max_length: int = 77):
+    """A new copy of CLIP's tokenizer (49,408 tokens) padding with `pad` ("eos", or "!" as OpenCLIP does)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return write_bpe_tokenizer(folder, _clip_merges(), pad, max_length)
 
 
 # --- Training a byte-level BPE vocabulary the way CLIPTokenizer applies one ----------------------

@@ -169,3 +169,29 @@ def test_sdxl_base_with_refiner(sdxl_checkpoints, checkpoints, tmp_path):
                      str(tmp_path / "none"))
     assert result.returncode == 2 and "--model: not an SDXL model" in result.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_single_file_model(checkpoints, tmp_path):
+    """--model FILE.safetensors with --model-config FOLDER draws the same pixels as the folder it was exported
+    from, and names the file (without extension) as the model; single-file flags on a folder, and a file
+    that the family's shipped configs do not fit, are one-line errors before anything is written."""
+    import sdjax
+
+    folder, _ = checkpoints["sd1"]
+    path = str(tmp_path / "tiny-sd1.safetensors")
+    sdjax.load(folder).save(path, layout="single_file")
+    common = ["--prompt", "a red circle", "--steps", "2", "--size", "32", "--seed", "3"]
+    assert run_cli("--model", folder, *common, "--out", str(tmp_path / "a")).returncode == 0
+    result = run_cli("--model", path, "--model-config", folder, *common, "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    a, b = (np.asarray(Image.open(tmp_path / d / "00000-3.png")) for d in "ab")
+    np.testing.assert_array_equal(a, b)
+    _, _, parameters = parse_parameters(read_parameters(str(tmp_path / "b" / "00000-3.png")))
+    assert parameters["Model"] == "tiny-sd1"
+    for args, message in ((["--model", folder, "--ema"], "--model-config and --ema are for a single-file --model"),
+                          (["--model", path], "has shape (32,), which does not hold the (320,) of unet's "
+                           "'conv_in.bias' (read as the sd1 model sdjax ships; for another architecture give its diffusers folder "
+                           "as config=, in sample.py --model-config)")):
+        result = run_cli(*args, *common, "--out", str(tmp_path / "c"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "c").exists()

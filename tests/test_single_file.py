@@ -205,8 +205,6 @@ def test_bad_single_files_are_one_line_errors_naming_the_key(exported, tmp_path)
     good = _write(tmp_path, tensors, "good.safetensors")
     with pytest.raises(sdjax.CheckpointError, match="ema=True, but the file holds no EMA weights"):
         sdjax.load(good, config=folder, ema=True)
-    with pytest.raises(sdjax.CheckpointError, match="needs config=FOLDER"):
-        sdjax.load(good)
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not read")
     with pytest.raises(sdjax.CheckpointError, match="pickle weights are not read by default"):
@@ -236,3 +234,140 @@ def test_sd2_files_keep_the_24th_block_and_projection_that_sd2_never_runs(checkp
     with pytest.raises(sdjax.CheckpointError, match=r"unexpected tensor\(s\) 'cond_stage_model.model.extra'"):
         sdjax.load(_write(tmp_path, {**tensors, f"{prefix}extra": np.zeros(1, np.float32)}, "x.safetensors"),
                    config=folder)
+
+
+# (family, UNet input channels, prediction type) -> what diffusers' infer_diffusers_model_type calls it.
+FULL_SIZE = {("sd1", 4, "epsilon"): "v1", ("sd1", 9, "epsilon"): "inpainting", ("sd2", 4, "v_prediction"): "v2",
+             ("sd2", 9, "epsilon"): "inpainting_v2", ("sdxl", 4, "epsilon"): "xl_base",
+             ("sdxl", 9, "epsilon"): "xl_inpaint", ("sdxl_refiner", 4, "epsilon"): "xl_refiner"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,channels,prediction", sorted(FULL_SIZE))
+def test_shipped_families_at_full_size_are_what_diffusers_reads(family, channels, prediction):
+    """For each family sdjax ships, the full-size file layout it reads and writes (keys and shapes, as
+    meta tensors: nothing allocated) is detected back as that family, diffusers calls it the same model
+    type, and diffusers' own LDM converters turn its UNet and VAE into exactly the keys and shapes of
+    diffusers' full-size networks built from the shipped configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     infer_diffusers_model_type)
+
+    from sdjax.convert.families import describe, detect
+    from sdjax.convert.single_file import single_file_shapes
+    from sdjax.models.presets import preset
+
+    description = describe(family, channels, prediction)
+    checkpoint = {k: torch.empty(shape, device="meta") for k, shape in single_file_shapes(description.configs).items()}
+    assert detect("file", checkpoint) == (family, channels)
+    assert infer_diffusers_model_type(checkpoint) == FULL_SIZE[family, channels, prediction]
+    raw = preset({"sd1": "sd15", "sd2": "sd21"}.get(family, family))
+    unet_config = dict(raw["unet"], in_channels=channels)
+    unet_config.pop("_class_name")
+    for convert, cls, config in ((convert_ldm_unet_checkpoint, UNet2DConditionModel, unet_config),
+                                 (convert_ldm_vae_checkpoint, AutoencoderKL,
+                                  {k: v for k, v in raw["vae"].items() if k != "_class_name"})):
+        with torch.device("meta"):
+            reference = cls(**config).state_dict()
+        converted = convert(checkpoint, config)
+        assert set(converted) == set(reference)
+        # (diffusers' VAE converter may leave attention as 1x1 convs; its model loader squeezes them)
+        assert all(tuple(converted[k].shape) in (tuple(reference[k].shape), (*reference[k].shape, 1, 1))
+                   for k in reference)
+    assert description.scheduler_config["prediction_type"] == prediction
+    assert set(description.tokenizers) == {n.replace("text_encoder", "tokenizer") for n in description.configs
+                                           if n.startswith("text_encoder")}
+
+
+def test_shipped_clip_tokenizer_gives_clips_ids():
+    """The CLIP vocabulary shipped for single files: CLIP's 49,408 tokens and its well-known ids, padded with
+    the end token (OpenAI CLIP) or "!" = 0 (OpenCLIP)."""
+    from sdjax.tokenizer import clip_tokenizer, tokenize
+
+    eos, bang = clip_tokenizer("eos"), clip_tokenizer("!")
+    assert len(eos) == len(bang) == 49408
+    np.testing.assert_array_equal(tokenize(eos, ["a photo of a cat"], 9)[0],
+                                  [49406, 320, 1125, 539, 320, 2368, 49407, 49407, 49407])
+    np.testing.assert_array_equal(tokenize(bang, ["a photo of a cat"], 9)[0],
+                                  [49406, 320, 1125, 539, 320, 2368, 49407, 0, 0])
+
+
+def test_single_file_families_are_told_apart_and_unknown_files_refused(tmp_path):
+    """detect() on key/shape tables: the first signature key decides the family, the UNet's input
+    convolution the channels; files of no known family, without a UNet, of unsupported input channels or of
+    a refused model are one-line errors naming what was looked for."""
+    import sdjax
+    from sdjax.convert.families import SIGNATURES, describe_file, detect
+
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+    shape = lambda *s: np.broadcast_to(np.float32(0), s)
+    for family, key in SIGNATURES:
+        assert detect("f", {key: shape(4), conv: shape(320, 4, 3, 3)}) == (family, 4)
+    sd2 = {SIGNATURES[2][1]: shape(4), conv: shape(320, 4, 3, 3)}
+    assert describe_file("f", sd2).scheduler_config["prediction_type"] == "v_prediction"  # SD 2.x default
+    assert describe_file("f", sd2, "epsilon").configs["unet"].sample_size == 64  # SD 2 base: 512²
+    marked = describe_file("f", {SIGNATURES[3][1]: shape(4), conv: shape(320, 4, 3, 3), "v_pred": shape(0),
+                                 "ztsnr": shape(0)})
+    assert marked.scheduler_config["prediction_type"] == "v_prediction"
+    assert marked.scheduler_config["rescale_betas_zero_snr"]
+    assert marked.scheduler_config["timestep_spacing"] == "trailing"
+    cases = [({"model.diffusion_model.out.2.weight": shape(4)}, "holds none of the keys that tell the families "
+              "apart (conditioner.embedders.1.model.ln_final.weight, "),
+             ({SIGNATURES[3][1]: shape(4)}, "sd1 text encoder found but no UNet (no tensor "
+              "'model.diffusion_model.input_blocks.0.0.weight')"),
+             ({SIGNATURES[3][1]: shape(4), conv: shape(320, 8, 3, 3)}, "has shape (320, 8, 3, 3): a UNet of 8 input "
+              "channels; sdjax reads sd1 files with 4 or 9"),
+             ({SIGNATURES[1][1]: shape(4), conv: shape(384, 9, 3, 3)}, "sdjax reads sdxl_refiner files with 4"),
+             ({SIGNATURES[0][1]: shape(4), conv: shape(320, 4, 3, 3), "edm_mean": shape(4)},
+              "a Playground v2.5 (an EDM model with SDXL's networks) checkpoint, which sdjax does not run")]
+    for tensors, message in cases:
+        with pytest.raises(sdjax.CheckpointError) as error:
+            detect("f.safetensors", tensors)
+        assert str(error.value).startswith("f.safetensors: ") and message in str(error.value), str(error.value)
+    with pytest.raises(ValueError, match="prediction_type: expected one of epsilon, v_prediction, got 'v'"):
+        describe_file("f", sd2, "v")
+
+
+@pytest.mark.slow
+def test_full_size_sd15_file_loads_and_samples_without_a_config_folder(tmp_path):
+    """A full-size SD 1.5 single file (float16, random weights, schedule buffers and position ids as real files
+    have them) loads with no config folder: detected as SD 1.x, the shipped configs fit every tensor, the
+    weights read are the file's bitwise, and sample.py draws from it with the shipped tokenizer and scheduler."""
+    import jax.numpy as jnp
+
+    import sdjax
+    from sdjax.convert.families import describe
+    from sdjax.convert.safetensors_io import read_safetensors, write_safetensors
+    from sdjax.convert.single_file import SCHEDULE_BUFFERS, single_file_shapes, single_file_state
+    from sdjax.png_info import parse_parameters, read_parameters
+
+    shapes = single_file_shapes(describe("sd1", 4, "epsilon").configs)
+    pool = (np.random.default_rng(0).standard_normal(1 << 20) * 0.05).astype(np.float16)
+    tensors = {key: np.resize(pool[i % 1000:], shape) for i, (key, shape) in enumerate(shapes.items())}
+    tensors.update({name: np.linspace(1, 0, 1000, dtype=np.float32) for name in SCHEDULE_BUFFERS})
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
+    path = str(tmp_path / "sd15-like.safetensors")
+    write_safetensors(path, tensors)
+    del tensors
+    sd = sdjax.load(path, param_dtype=jnp.float16, to_device=False)
+    assert sd.model.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert len(sd.model.tokenizers["tokenizer"]) == 49408
+    stored = read_safetensors(path)
+    state = single_file_state(sd.model.configs, sd.params)
+    assert set(state) == set(stored) - set(SCHEDULE_BUFFERS) - {"cond_stage_model.transformer.text_model."
+                                                                 "embeddings.position_ids"}
+    for key, value in state.items():
+        np.testing.assert_array_equal(value, stored[key], err_msg=key)
+    del sd, state, stored
+    out = tmp_path / "out"
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--model", path, "--prompt",
+                             "a photo of a cat", "--steps", "2", "--size", "64", "--num-images", "1",
+                             "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    _, _, parameters = parse_parameters(read_parameters(str(out / "00000-0.png")))
+    assert parameters["Model"] == "sd15-like" and parameters["Sampler"] == "PNDM"

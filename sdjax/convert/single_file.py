@@ -24,6 +24,7 @@ projection, and the EMA or the non-EMA UNet weights, whichever is not chosen).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import uuid
@@ -48,7 +49,8 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
-IGNORED_KEYS = frozenset(SCHEDULE_BUFFERS + ("model_ema.decay", "model_ema.num_updates"))
+# "v_pred" and "ztsnr" are markers some fine-tunes carry (sdjax.convert.families reads them).
+IGNORED_KEYS = frozenset(SCHEDULE_BUFFERS + ("model_ema.decay", "model_ema.num_updates", "v_pred", "ztsnr"))
 _EMA = "model_ema."
 _UNET = "model.diffusion_model."
 
@@ -123,7 +125,8 @@ def _from_file(kind: str, file_key: str, value: np.ndarray) -> np.ndarray:
     return value.T if kind == OPEN_CLIP and file_key == "text_projection" else value
 
 
-def _read(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+def read_tensors(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of a single file (memory-mapped for safetensors), CLIP text keys in today's form."""
     if path.endswith(".safetensors"):
         tensors = read_safetensors(path)
     elif path.endswith((".ckpt", ".pt", ".bin")):
@@ -159,63 +162,96 @@ def _ignored(key: str, files: Mapping[str, tuple[str, str]], configs: Mapping[st
     return False
 
 
-def read_single_file(path: str, configs: Mapping[str, Any], *, ema: bool = False, dtype: Any = np.float32,
-                     place: Callable[[np.ndarray], Any] | None = None,
-                     allow_pickle: bool = False) -> dict[str, Any]:
-    """The parameters of each network of `configs` from the single file at `path`, strictly; with `ema`
-    the UNet's EMA weights. Values as load_component gives them (`dtype`, placed one at a time by `place`)."""
-    tensors = _read(path, allow_pickle)
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One weight of ours and where the file keeps it."""
+
+    network: str
+    key: str                # our PyTorch-layout key (torch_key of the Flax path)
+    shape: tuple[int, ...]  # its PyTorch-layout shape
+    prefix: str             # the network's prefix in the file
+    file_key: str           # the key in the file after the prefix
+    third: int | None       # q/k/v: which third of the fused projection it is
+    kind: str               # the network's key layout
+
+    @property
+    def stored(self) -> str:
+        return self.prefix + self.file_key
+
+
+def _entries(configs: Mapping[str, Any], abstract: Mapping[str, Any]) -> list[_Entry]:
+    """Every weight of the networks of `configs` (abstract: their abstract parameter trees), file order."""
+    entries = []
+    for name, (prefix, kind) in layout(configs).items():
+        flat = flatten_dict(unfreeze(abstract[name]))
+        shapes = {torch_key(p): torch_shape(p, tuple(leaf.shape)) for p, leaf in flat.items()}
+        exported = {COMPONENTS[name].export_key(key): key for key in shapes}
+        for key, (file_key, third) in _file_keys(name, kind, configs[name], exported).items():
+            entries.append(_Entry(name, exported[key], shapes[exported[key]], prefix, file_key, third, kind))
+    return entries
+
+
+def _abstract(configs: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: abstract_params(COMPONENTS[name].module_cls(config)) for name, config in configs.items()}
+
+
+def single_file_shapes(configs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor key of the model's single file and its shape, allocating nothing (for checks at full size)."""
+    shapes = {}
+    for e in _entries(configs, _abstract(configs)):
+        shape = _to_file(e.kind, e.file_key, np.broadcast_to(np.bool_(False), e.shape)).shape
+        shapes[e.stored] = shape if e.third is None else (3 * shape[0], *shape[1:])
+    return shapes
+
+
+def single_file_params(path: str, tensors: Mapping[str, np.ndarray], configs: Mapping[str, Any], *,
+                       ema: bool = False, dtype: Any = np.float32,
+                       place: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+    """The parameters of each network of `configs` from the `tensors` of the single file at `path`
+    (read_tensors), strictly; with `ema` the UNet's EMA weights. Values as load_component gives them
+    (`dtype`, placed one at a time by `place`). Every check is made before anything is placed."""
     files = layout(configs)
     if ema and not any(k.startswith(_EMA) and k not in IGNORED_KEYS for k in tensors):
         raise CheckpointError(f"{path}: ema=True, but the file holds no EMA weights (no model_ema.* tensors)")
-    used, params = set(), {}
-    for name, (prefix, kind) in files.items():
-        component = COMPONENTS[name]
-        shapes = abstract_params(component.module_cls(configs[name]))
-        flat = flatten_dict(unfreeze(shapes))
-        ours = {component.export_key(torch_key(p)): torch_key(p) for p in flat}
-        expected = {torch_key(p): torch_shape(p, tuple(leaf.shape)) for p, leaf in flat.items()}
-        state, missing = {}, []
-        for key, (file_key, third) in _file_keys(name, kind, configs[name], ours).items():
-            stored = prefix + file_key
-            if ema and name == "unet":
-                stored = ema_key(stored)
-            if stored not in tensors:
-                missing.append(stored)
-                continue
-            value = _from_file(kind, file_key, tensors[stored])
-            if third is not None:  # one of q/k/v: a third of the fused projection's rows
-                rows = value.shape[0] // 3
-                value = value[third * rows:(third + 1) * rows]
-            if tuple(value.shape) != expected[ours[key]]:
-                raise CheckpointError(f"{path}: tensor {stored!r} has shape {tuple(tensors[stored].shape)}, which "
-                                      f"does not hold the {expected[ours[key]]} of {name}'s {key!r}")
-            state[ours[key]] = value
-            used.add(stored)
-        if missing:
-            raise CheckpointError(f"{path}: missing tensor(s) {some_keys(missing)} that the model config needs")
-        params[name] = params_from_state_dict(shapes, state, path, dtype=dtype, place=place)
+    abstract = _abstract(configs)
+    used, missing, states = set(), [], {name: {} for name in files}
+    for e in _entries(configs, abstract):
+        stored = ema_key(e.stored) if ema and e.network == "unet" else e.stored
+        if stored not in tensors:
+            missing.append(stored)
+            continue
+        value = _from_file(e.kind, e.file_key, tensors[stored])
+        if e.third is not None:  # one of q/k/v: a third of the fused projection's rows
+            rows = value.shape[0] // 3
+            value = value[e.third * rows:(e.third + 1) * rows]
+        if tuple(value.shape) != e.shape:
+            raise CheckpointError(f"{path}: tensor {stored!r} has shape {tuple(tensors[stored].shape)}, which does "
+                                  f"not hold the {e.shape} of {e.network}'s {e.key!r}")
+        states[e.network][e.key] = value
+        used.add(stored)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {some_keys(missing)} that the model config needs")
     unexpected = sorted(k for k in tensors if k not in used and not _ignored(k, files, configs, ema))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {some_keys(unexpected)} that the model config does "
                               "not have")
-    return params
+    return {name: params_from_state_dict(abstract[name], states[name], path, dtype=dtype, place=place)
+            for name in files}
 
 
 def single_file_state(configs: Mapping[str, Any], params: Mapping[str, Any],
                       dtype: Any = None) -> dict[str, np.ndarray]:
     """Every tensor of the model under its single-file key (host arrays, `dtype` casting float weights)."""
+    states = {name: state_dict_from_params(params[name]) for name in configs}
     tensors: dict[str, Any] = {}
-    for name, (prefix, kind) in layout(configs).items():
-        state = {COMPONENTS[name].export_key(k): v for k, v in state_dict_from_params(params[name]).items()}
-        fused: dict[str, list] = {}
-        for key, (file_key, third) in _file_keys(name, kind, configs[name], state).items():
-            value = cast_floats(_to_file(kind, file_key, state[key]), dtype)
-            if third is None:
-                tensors[prefix + file_key] = value
-            else:
-                fused.setdefault(prefix + file_key, [None] * 3)[third] = value
-        tensors.update({key: np.concatenate(parts) for key, parts in fused.items()})
+    fused: dict[str, list] = {}
+    for e in _entries(configs, _abstract(configs)):
+        value = cast_floats(_to_file(e.kind, e.file_key, states[e.network][e.key]), dtype)
+        if e.third is None:
+            tensors[e.stored] = value
+        else:
+            fused.setdefault(e.stored, [None] * 3)[e.third] = value
+    tensors.update({key: np.concatenate(parts) for key, parts in fused.items()})
     return tensors
 
 
