@@ -23,6 +23,7 @@ import numpy as np
 
 from sdjax.conditioning import (MicroConditioning, encode_text, takes_added_conditions, time_ids, unet_call,
                                 uses_aesthetic_score, zeroes_empty_prompts)
+from sdjax.lora import resolve
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
 
@@ -135,6 +136,7 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
     def program(params, guidance_scale, inputs):
         """inputs: per-image arrays: ids, neg_ids (dicts by batch key), keys, noise; init_images, masks,
         init_latents for the modes that take them; time_ids, neg_time_ids for SDXL's UNets."""
+        params = resolve(params)  # run-time LoRAs (sdjax.lora) added to the weights they change
         keys, noise = inputs["keys"], inputs["noise"]
         init_images, masks = inputs.get("init_images"), inputs.get("masks")
         cond = encode_text(model, params, inputs["ids"])._replace(time_ids=inputs.get("time_ids"))

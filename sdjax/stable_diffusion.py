@@ -93,6 +93,9 @@ class StableDiffusion:
     params: Mapping[str, Any]
     mesh: Any = None
     rules: Any = None
+    loras: tuple = ()                     # ((sdjax.lora.LoRA, scale), ...) that `params` carry
+    loras_merged: bool = True             # merged into the weights, or applied at run time (params["lora"])
+    base_params: Mapping[str, Any] | None = None  # the weights without the LoRAs, kept to remove them bitwise
 
     def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """See Model.tokenize."""
@@ -105,6 +108,48 @@ class StableDiffusion:
         return generate(self.model, self.params, prompts, negative_prompts, mesh=self.mesh, rules=self.rules,
                         **options)
 
+    def with_lora(self, lora: Any, scale: float = 1.0, *, merge: bool = True,
+                  allow_pickle: bool = False) -> "StableDiffusion":
+        """A new StableDiffusion with one more LoRA (a file path, kohya or PEFT format, or a sdjax.lora.LoRA)
+        at `scale`: merged into the weights (merge=True, fastest sampling) or applied inside the compiled
+        program (merge=False: `with_lora_scales` then changes scales without recompiling). All LoRAs of
+        one StableDiffusion take the same form."""
+        from sdjax.lora import LoRA, read_lora
+
+        if self.loras and merge != self.loras_merged:
+            raise ValueError(f"with_lora: merge={merge}, but the LoRAs already on this model are "
+                             f"{'merged' if self.loras_merged else 'applied at run time'}; one form for all")
+        if not isinstance(lora, LoRA):
+            lora = read_lora(lora, self.model, self._base(), allow_pickle=allow_pickle)
+        return self._with_loras(self.loras + ((lora, _scale(scale, lora.name)),), merge)
+
+    def with_lora_scales(self, *scales: float) -> "StableDiffusion":
+        """The same LoRAs at new scales, one per LoRA in the order they were added."""
+        from sdjax.lora import runtime_scales
+
+        if len(scales) != len(self.loras):
+            raise ValueError(f"with_lora_scales: {len(self.loras)} LoRA(s) on the model, {len(scales)} scale(s) given")
+        loras = tuple((lora, _scale(s, lora.name)) for (lora, _), s in zip(self.loras, scales))
+        if self.loras_merged:
+            return self._with_loras(loras, True)
+        return dataclasses.replace(self, params=runtime_scales(self.params, [s for _, s in loras]), loras=loras)
+
+    def without_loras(self) -> "StableDiffusion":
+        """The model without its LoRAs: the very weights it had before them (bitwise)."""
+        return self._with_loras((), True)
+
+    def _base(self) -> Mapping[str, Any]:
+        return self.params if self.base_params is None else self.base_params
+
+    def _with_loras(self, loras: tuple, merge: bool) -> "StableDiffusion":
+        from sdjax.lora import merge as merged, with_runtime
+
+        base = self._base()
+        if not loras:
+            return dataclasses.replace(self, params=base, loras=(), loras_merged=True, base_params=None)
+        params = merged(base, loras) if merge else with_runtime(base, loras)
+        return dataclasses.replace(self, params=params, loras=loras, loras_merged=merge, base_params=base)
+
     def shard(self, mesh: Any, rules: Any = None) -> "StableDiffusion":
         """A new StableDiffusion with the parameters placed on `mesh` by logical-axis rules (default
         sdjax.parallel.DEFAULT_RULES); its `generate` splits each image batch over the batch axes
@@ -115,13 +160,20 @@ class StableDiffusion:
         rules = tuple(DEFAULT_RULES if rules is None else rules)
         check_rules(rules)
         networks = self.model.networks
-        params = {n: place_params(p, networks[n], mesh, rules) for n, p in self.params.items()}
-        return dataclasses.replace(self, params=params, mesh=mesh, rules=rules)
+        params = {n: place_params(p, networks[n], mesh, rules) for n, p in self._base().items()}
+        placed = dataclasses.replace(self, params=params, mesh=mesh, rules=rules, loras=(), base_params=None)
+        return placed._with_loras(self.loras, self.loras_merged)  # LoRAs applied again to the placed weights
 
     def save(self, path: str, dtype: Any = None, layout: str = "diffusers") -> None:
         """Exports to a new diffusers folder (safetensors), readable by diffusers and `sdjax.load`, or with
         layout="single_file" to one .safetensors file in the original layout."""
         save(self.model, self.params, path, dtype, layout)
+
+
+def _scale(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+        raise ValueError(f"LoRA {name}: scale must be a finite number, got {value!r}")
+    return float(value)
 
 
 LAYOUTS = ("diffusers", "single_file")
@@ -133,7 +185,9 @@ def save(model: Model, params: Mapping[str, Any], path: str, dtype: Any = None, 
     sdjax.convert.single_file); `dtype` (e.g. np.float16) casts float weights."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-    host = jax.tree.map(np.asarray, dict(params))
+    from sdjax.lora import resolve
+
+    host = jax.tree.map(np.asarray, dict(resolve(params)))  # run-time LoRAs baked in, as merged ones are
     if layout == "single_file":
         save_single_file(path, model.configs, host, dtype)
         return

@@ -104,14 +104,15 @@ def text_encoder_2(vocab_size: int, eos_id: int, hidden: int = 40, projection: i
 SDXL_TIME_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNets
 
 
-def sdxl_unet(cross_attention_dim: int, pooled_dim: int, time_ids: int):
+def sdxl_unet(cross_attention_dim: int, pooled_dim: int, time_ids: int, layers_per_block=(1, 2, 1)):
     """SDXL style: no attention at the first level, several transformer layers deeper, linear proj, head
-    dim 16, added conditioning (pooled text + `time_ids` sinusoidal time ids)."""
+    dim 16, added conditioning (pooled text + `time_ids` sinusoidal time ids). An int `layers_per_block`
+    (as the real checkpoints have) suits converters that take one for every level."""
     from diffusers import UNet2DConditionModel
 
     return perturb_(UNet2DConditionModel(
         in_channels=4, out_channels=4, sample_size=16, norm_num_groups=8, block_out_channels=(32, 64, 64),
-        layers_per_block=(1, 2, 1), attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2),
+        layers_per_block=layers_per_block, attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2),
         cross_attention_dim=cross_attention_dim, use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

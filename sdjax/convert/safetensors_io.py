@@ -78,6 +78,19 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` strings of a .safetensors file's header ({} where it has none)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        try:
+            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors metadata (not a JSON object)")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
 def mapping_of(array: np.ndarray) -> mmap.mmap | None:
     """The file mapping of read_safetensors that `array` views, or None for any other array."""
     owner = array
