@@ -6,6 +6,7 @@
     python sample.py --model ... --prompt "..." --init-image in.png --strength 0.6 --out out/       (img2img)
     python sample.py --model ... --prompt "..." --init-image in.png --mask mask.png --out out/      (inpainting)
     python sample.py --model sdxl-base --refiner sdxl-refiner --refiner-switch 0.8 --prompt "..."  (SDXL)
+    python sample.py --model v1-5.safetensors --lora style.safetensors:0.7 --lora detail.safetensors --prompt "..."
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompts-file", help="one prompt per line, or .jsonl with objects holding 'prompt' and "
                                           "optionally any per-image setting below by its name (negative_prompt, "
                                           "seed, steps, guidance, scheduler, size, num_images, init_image, mask, "
-                                          "strength), checked like the flag; every line is checked before the "
+                                          "strength, lora), checked like the flag; every line is checked before the "
                                           "first image")
     add_field_flags(p)  # the per-image settings: defaults for every prompt
     p.add_argument("--refiner", help="an SDXL refiner folder or single file: the --model (an SDXL base) denoises until "
@@ -101,9 +102,10 @@ def main(argv: list[str]) -> int:
             refiner = job.Refiner(sdjax.load(args.refiner, dtype=getattr(jnp, args.dtype)), args.refiner_switch,
                                   model_name(args.refiner))
             job.check_refiner(sd, refiner)
+        loras = job.read_loras(sd, jobs)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner)
+        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras)
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

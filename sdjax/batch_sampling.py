@@ -35,11 +35,12 @@ class Job:
     mask: str | None = None        # inpainting mask file (white = repaint)
     strength: float | None = None
     karras: bool = False  # Karras sigmas (use_karras_sigmas)
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), merged into the model for this image
 
     def batch_key(self) -> tuple:
-        """Images with equal keys share one compiled program and can be batched."""
+        """Images with equal keys share one compiled program and one set of weights, and can be batched."""
         return (self.steps, self.guidance, self.scheduler, self.karras, self.height, self.width,
-                self.init_image is not None, self.mask is not None, self.strength)
+                self.init_image is not None, self.mask is not None, self.strength, self.loras)
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -132,6 +133,29 @@ def _image_file(path: str) -> str:
     return path
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """"FILE" or "FILE:SCALE" -> (FILE, scale; default 1.0); the file must exist."""
+    path, scale = text, "1"
+    if not os.path.isfile(text) and ":" in text:
+        path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"{text!r}: scale {scale!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r}: scale must be a finite number")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: LoRA file not found")
+    return path, value
+
+
+def _loras(value: str | list) -> tuple[tuple[str, float], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"must be FILE[:SCALE] strings, got {json.dumps(value)}")
+    return tuple(parse_lora(item) for item in items)
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One per-image setting: its value type, its check (returns the value to use or raises ValueError
@@ -142,13 +166,14 @@ class Field:
     default: Any = None
     help: str = ""
     json_kinds: tuple[type, ...] = ()  # JSON types accepted instead of (kind,)
+    repeated: bool = False             # a flag given once per value (action="append")
 
     def check_json(self, value: Any) -> None:
         """Raises ValueError unless `value` (from JSON) has this setting's type; ints count as floats."""
         kinds = self.json_kinds or (self.kind,)
         accepted = kinds + ((int,) if float in kinds else ())
         if isinstance(value, bool) or not isinstance(value, accepted):
-            names = {int: "an integer", float: "a number", str: "a string"}
+            names = {int: "an integer", float: "a number", str: "a string", list: "a list"}
             raise ValueError(f"must be {' or '.join(names[k] for k in kinds)}, got {json.dumps(value)}")
 
 
@@ -170,6 +195,9 @@ FIELDS: dict[str, Field] = {
     "mask": Field(str, _image_file, None, "inpainting mask image, same size: white = repaint, black = keep"),
     "strength": Field(float, _strength, None, "share of the schedule run from the noised init image, in (0, 1] "
                                               "(default 0.8 for img2img, 1.0 for inpainting)"),
+    "lora": Field(str, _loras, None, "FILE[:SCALE] (repeat for several): a kohya or PEFT LoRA merged into the "
+                                     "model at SCALE (default 1); in a prompts file a string or a list of them, "
+                                     "replacing the flags' for that line", json_kinds=(str, list), repeated=True),
 }
 
 
@@ -181,7 +209,8 @@ def flag(key: str) -> str:
 def add_field_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Field; a flag left out is None (the Field's default applies later)."""
     for key, field in FIELDS.items():
-        parser.add_argument(flag(key), type=field.kind, help=field.help)
+        parser.add_argument(flag(key), type=field.kind, help=field.help,
+                            **({"action": "append"} if field.repeated else {}))
 
 
 def check_field(key: str, value: Any, where: str, from_json: bool = False) -> Any:
@@ -309,10 +338,11 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
         if karras and scheduler not in KARRAS_FAMILIES:
             raise ValueError(f"{entry.source('schedule')} karras: scheduler {scheduler!r} has no Karras schedule; "
                              f"use one of {', '.join(KARRAS_FAMILIES)}")
+        loras = _loras(s["lora"]) if s["lora"] else ()
         for k in range(s["num_images"]):
             jobs.append(Job(entry.prompt, s["negative_prompt"], seed + k, s["steps"], float(s["guidance"]),
                             scheduler, height, width, source, mask, None if strength is None else float(strength),
-                            karras))
+                            karras, loras))
     return jobs
 
 
@@ -365,15 +395,35 @@ def check_refiner(base, refiner: Refiner) -> None:
                          f"match the base's ({a.latent_channels} channels, 1/{a.downscale} size)")
 
 
+def read_loras(sd, jobs: list[Job]) -> dict[str, Any]:
+    """Every LoRA file the jobs name, read and matched onto `sd`'s model (errors before any image)."""
+    from sdjax.lora import read_lora
+
+    paths = dict.fromkeys(path for job in jobs for path, _ in job.loras)
+    return {path: read_lora(path, sd.model, sd.params) for path in paths}
+
+
+def _lora_prompt(job: Job, loras: dict[str, Any]) -> str:
+    """The prompt as A1111 writes it with LoRAs: each as <lora:name:scale>."""
+    return job.prompt + "".join(f" <lora:{loras[path].name}:{scale:g}>" for path, scale in job.loras)
+
+
 def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
-        refiner: Refiner | None = None) -> list[str]:
-    """Generates every job, writing <n>-<seed>.png files; returns their paths."""
+        refiner: Refiner | None = None, loras: dict[str, Any] | None = None) -> list[str]:
+    """Generates every job, writing <n>-<seed>.png files; returns their paths. `loras` holds the LoRAs
+    the jobs name (read_loras), merged into `sd` for the jobs that use them."""
+    loras = loras or {}
     index = next_index(out_dir)
     paths = []
     groups = list(batches(jobs, batch_size))
     start = time.perf_counter()
+    with_loras, merged_for = sd, ()
     for group in tqdm(groups, desc="batches", unit="batch"):
         first = group[0]
+        if first.loras != merged_for:  # the base weights with this batch's LoRAs merged in
+            with_loras, merged_for = sd, first.loras
+            for path, scale in first.loras:
+                with_loras = with_loras.with_lora(loras[path], scale)
         size = (first.height, first.width)
         init = np.stack([read_image(j.init_image, size) for j in group]) if first.init_image else None
         masks = np.stack([read_image(j.mask, size, grayscale=True) for j in group]) if first.mask else None
@@ -385,9 +435,11 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                       scheduler_options={"use_karras_sigmas": True} if first.karras else None,
                       height=first.height, width=first.width, seed=[j.seed for j in group])
         if refiner is None:
-            images = sd.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength, **common)
+            images = with_loras.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength,
+                                         **common)
         else:
-            latents = sd.generate(prompts, negatives, denoising_end=refiner.switch, output="latents", **common)
+            latents = with_loras.generate(prompts, negatives, denoising_end=refiner.switch, output="latents",
+                                          **common)
             images = refiner.sd.generate(prompts, negatives, init_latents=latents, denoising_start=refiner.switch,
                                          **common)
         for job, image in zip(group, images):
@@ -400,8 +452,11 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                 settings["Denoising strength"] = job.strength or (1.0 if job.mask else 0.8)
             if refiner is not None:  # A1111's names for its refiner settings
                 settings.update({"Refiner": refiner.name, "Refiner switch at": refiner.switch})
+            if job.loras:  # A1111's: "alias: short hash", aliases without ":" or ","
+                settings["Lora hashes"] = ", ".join(
+                    f"{loras[p].name.replace(':', '').replace(',', '')}: {loras[p].hash}" for p, _ in job.loras)
             path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
-            save_png(path, image, format_parameters(job.prompt, job.negative_prompt, settings))
+            save_png(path, image, format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings))
             paths.append(path)
             index += 1
     elapsed = time.perf_counter() - start

@@ -10,6 +10,7 @@ so existing prompt-reader tools understand sdjax's images.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
@@ -23,19 +24,26 @@ SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_ancest
                  "dpmpp_2m": "DPM++ 2M", "lms": "LMS", "ddpm": "DDPM", "unipc": "UniPC"}
 
 
+def quote(value: Any) -> str:
+    """A setting's value as the web UI writes it: JSON-quoted if it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def format_parameters(prompt: str, negative_prompt: str, settings: dict[str, Any]) -> str:
     """The `parameters` text: prompt line, optional negative line, then "Key: value" pairs."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in settings.items()))
     return "\n".join(lines)
 
 
 def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
-    """Inverse of format_parameters: (prompt, negative prompt, settings as strings)."""
+    """Inverse of format_parameters: (prompt, negative prompt, settings as strings, quotes removed)."""
     lines = text.split("\n")
-    settings = dict(re.findall(r"\s*([^:,]+): ([^,]*)(?:,|$)", lines[-1]))
+    pairs = re.findall(r'\s*([^:,"]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', lines[-1])
+    settings = {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
     body = lines[:-1]
     negative = ""
     neg_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt: ")), None)

@@ -195,3 +195,59 @@ def test_single_file_model(checkpoints, tmp_path):
         result = run_cli(*args, *common, "--out", str(tmp_path / "c"))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "c").exists()
+
+
+def test_loras_flags_prompts_file_and_png_parameters(checkpoints, tmp_path):
+    """--lora FILE[:SCALE] (repeated) merges LoRAs into the model; a prompts-file line's "lora" replaces them
+    for that line; the PNG records them as A1111 does: <lora:name:scale> after the prompt and Lora hashes
+    (the first 12 hex digits of the SHA-256 of the file's data after its safetensors header). A scale that
+    is not a number, or a missing file, is a one-line error naming the flag's value, before any image."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    import sdjax
+
+    folder, parts = checkpoints["sd1"]
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for name in ("style", "detail"):
+        state = {}
+        for module, m in parts["unet"].named_modules():
+            if isinstance(m, torch.nn.Linear) and module.endswith(("to_q", "to_v")):
+                key = "lora_unet_" + module.replace(".", "_")
+                state[key + ".lora_down.weight"] = torch.randn(2, m.in_features, generator=g)
+                state[key + ".lora_up.weight"] = torch.randn(m.out_features, 2, generator=g)
+        files.append(str(tmp_path / f"{name}.safetensors"))
+        save_file(state, files[-1])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle"}) + "\n" +
+                       json.dumps({"prompt": "a red circle", "lora": f"{files[1]}:0.5"}) + "\n")
+    common = ["--model", folder, "--steps", "2", "--size", "32", "--seed", "3", "--scheduler", "ddim"]
+    assert run_cli(*common, "--prompt", "a red circle", "--out", str(tmp_path / "plain")).returncode == 0
+    result = run_cli(*common, "--prompts-file", str(prompts), "--lora", f"{files[0]}:0.7", "--lora", files[1],
+                     "--out", str(tmp_path / "lora"))
+    assert result.returncode == 0, result.stderr
+
+    def addnet(path):
+        raw = open(path, "rb").read()
+        return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()[:12]
+
+    first, second = (read_parameters(str(tmp_path / "lora" / name)) for name in ("00000-3.png", "00001-4.png"))
+    prompt, _, settings = parse_parameters(first)
+    assert prompt == "a red circle <lora:style:0.7> <lora:detail:1>"
+    assert settings["Lora hashes"] == f"style: {addnet(files[0])}, detail: {addnet(files[1])}"
+    prompt, _, settings = parse_parameters(second)
+    assert prompt == "a red circle <lora:detail:0.5>" and settings["Lora hashes"] == f"detail: {addnet(files[1])}"
+    plain = np.asarray(Image.open(tmp_path / "plain" / "00000-3.png"), np.float32)
+    with_lora = np.asarray(Image.open(tmp_path / "lora" / "00000-3.png"), np.float32)
+    assert np.abs(plain - with_lora).max() > 10  # the LoRAs change the image
+    expected = sdjax.load(folder).with_lora(files[0], 0.7).with_lora(files[1]).generate(
+        ["a red circle"], num_steps=2, height=32, width=32, seed=3, scheduler="ddim")
+    np.testing.assert_allclose(with_lora, np.clip(expected[0], 0, 1) * 255, atol=1.01)
+    for value, message in ((f"{files[0]}:abc", f"--lora '{files[0]}:abc': scale 'abc' is not a number"),
+                           (str(tmp_path / "none.safetensors"), "none.safetensors: LoRA file not found")):
+        result = run_cli(*common, "--prompt", "x", "--lora", value, "--out", str(tmp_path / "bad"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "bad").exists()
