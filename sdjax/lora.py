@@ -13,7 +13,7 @@ files (LoHa, LoKr, DoRA, ...) are refused by name.
 Two forms, one formula (`delta`):
     merged      `merge(params, loras)`: new weights with the deltas added (fastest sampling); the caller keeps
                 the original tree, so removing the LoRAs gives the original weights back bitwise.
-    run time    `with_runtime(params, loras)`: the factors and scales ride in params["lora"] and `resolve`
+    run time    `with_runtime(params, loras)`: the factors and scales ride in params["loras"] and `resolve`
                 adds the deltas inside the compiled program, so a new scale does not recompile; training
                 trains the factors this way.
 """
@@ -37,8 +37,15 @@ from sdjax.convert.diffusers import COMPONENTS, read_pickle_weights
 from sdjax.convert.ldm import ldm_keys
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, read_safetensors_metadata
 from sdjax.convert.state_dict import torch_key, torch_shape
+from sdjax.models.params import abstract_params
 
-RUNTIME = "lora"  # the params entry holding run-time LoRAs
+RUNTIME = "loras"  # the params entry holding run-time LoRAs: {"factors": (tree, ...), "scales": (n,)}
+TRAINED = "lora"   # a training run's LoRAFactors network: one factor tree, applied at alpha / rank
+# kohya's default targets: the linear (and 1x1 conv) layers of the UNet's transformer blocks, and the
+# text encoders' attention and MLP projections (diffusers / transformers module names, searched).
+UNET_TARGETS = (r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)"
+                r"|ff\.net\.(0\.proj|2)))$")
+TEXT_TARGETS = r"self_attn\.(q|k|v|out)_proj$|mlp\.fc[12]$"
 # kohya's prefixes -> network. SD 1.x/2.x text LoRAs use lora_te_, SDXL's lora_te1_ / lora_te2_.
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
@@ -175,7 +182,10 @@ def read_lora(path: str, model: Any, params: Mapping[str, Any], *, allow_pickle:
         if alpha is None and parts["peft"]:
             default, pattern = _peft_alphas(metadata, network)
             alpha = next((a for p, a in pattern.items() if re.match(rf"(.*\.)?({p})$", module)), default)
-        alpha = rank if alpha is None else float(np.asarray(alpha, np.float32))
+        if alpha is not None and np.size(alpha) != 1:
+            raise CheckpointError(f"{path}: LoRA module {module!r} has an alpha of shape {np.shape(alpha)}, not one "
+                                  "number")
+        alpha = rank if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
         flat.setdefault(network, {})[kernel_path + ("down",)] = down
         flat[network][kernel_path + ("up",)] = up * np.float32(alpha / rank)
     factors = {network: unflatten_dict(leaves) for network, leaves in flat.items()}
@@ -264,7 +274,7 @@ def merge(params: Mapping[str, Any], loras: Sequence[tuple[LoRA, float]]) -> dic
 
 
 def with_runtime(params: Mapping[str, Any], loras: Sequence[tuple[LoRA, float]]) -> dict[str, Any]:
-    """`params` plus the LoRAs' factors and scales under params["lora"], for `resolve` to apply inside
+    """`params` plus the LoRAs' factors and scales under params["loras"], for `resolve` to apply inside
     the compiled program (see runtime_scales to change the scales)."""
     return {**params, RUNTIME: {"factors": tuple(dict(lora.factors) for lora, _ in loras),
                                 "scales": jnp.asarray([float(s) for _, s in loras], jnp.float32)}}
@@ -280,7 +290,7 @@ def runtime_scales(params: Mapping[str, Any], scales: Iterable[float]) -> dict[s
 
 
 def resolve(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The weights the networks run with: params itself, or with params["lora"]'s deltas added (traced
+    """The weights the networks run with: params itself, or with params["loras"]'s deltas added (traced
     inside the caller's jit; float32 sums cast back to each weight's dtype)."""
     if RUNTIME not in params:
         return params
@@ -290,3 +300,85 @@ def resolve(params: Mapping[str, Any]) -> Mapping[str, Any]:
     scales = runtime["scales"]
     return _replaced(rest, targets,
                      lambda w, entries: _add(w, [f for _, f in entries], [scales[i] for i, _ in entries]))
+
+
+# --- Training and export ---------------------------------------------------------------------------------
+
+def module_name(network: str, path: tuple[str, ...]) -> str:
+    """The diffusers / transformers module path of the kernel at `path` ("...attn1.to_q")."""
+    return COMPONENTS[network].export_key(torch_key(path)).removesuffix(".weight")
+
+
+def train_targets(model: Any, patterns: Mapping[str, str]) -> tuple:
+    """(network, kernel path, kernel shape) of every kernel of `model` whose module path a network's
+    pattern (a regular expression, searched) matches."""
+    targets = []
+    for network, pattern in patterns.items():
+        regex = re.compile(pattern)
+        flat = flatten_dict(unfreeze(abstract_params(model.networks[network])))
+        targets += [(network, path, tuple(leaf.shape)) for path, leaf in flat.items()
+                    if path[-1] == "kernel" and regex.search(module_name(network, path))]
+        if not any(t[0] == network for t in targets):
+            raise ValueError(f"lora targets: {pattern!r} matches no layer of {network}")
+    return tuple(targets)
+
+
+def with_trained(params: Mapping[str, Any], multiplier: float) -> Mapping[str, Any]:
+    """A training run's parameters ({..., "lora": factor tree}) as the networks run with them: the trained
+    factors applied at `multiplier` (alpha / rank)."""
+    rest = {k: v for k, v in params.items() if k != TRAINED}
+    return resolve({**rest, RUNTIME: {"factors": (params[TRAINED],), "scales": jnp.asarray([multiplier], jnp.float32)}})
+
+
+def _kohya_prefixes(model: Any) -> dict[str, str]:
+    sdxl = "text_encoder_2" in model.networks
+    return {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_state(model: Any, factors: Mapping[str, Any], alpha: float) -> dict[str, np.ndarray]:
+    """One factor tree as a kohya LoRA file's tensors (float32): diffusers module names for SD 1.x/2.x UNets,
+    the original LDM names for SDXL's (as kohya's SDXL trainer writes them), transformers' for the text
+    encoders; down (rank, in[, kh, kw]), up (out, rank[, 1, 1]), the raw factors with their alpha."""
+    prefixes, state = _kohya_prefixes(model), {}
+    for network, tree in factors.items():
+        flat = flatten_dict(unfreeze(tree))
+        kernels = sorted({path[:-1] for path in flat})
+        ldm = {}
+        if network == "unet" and model.unet.config.addition_embed_type == "text_time":
+            ldm = ldm_keys("unet", model.unet.config, [torch_key(k) for k in kernels])
+        for kernel in kernels:
+            down = np.asarray(flat[kernel + ("down",)], np.float32)
+            up = np.asarray(flat[kernel + ("up",)], np.float32)
+            name = ldm.get(torch_key(kernel), torch_key(kernel)) if ldm else module_name(network, kernel) + ".weight"
+            key = prefixes[network] + name.removesuffix(".weight").replace(".", "_")
+            conv = down.ndim == 4
+            torch_down = np.transpose(down, (3, 2, 0, 1)) if conv else down.T
+            state[f"{key}.lora_down.weight"] = np.ascontiguousarray(torch_down)
+            state[f"{key}.lora_up.weight"] = np.ascontiguousarray(up.T[:, :, None, None] if conv else up.T)
+            state[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+    return state
+
+
+def save_kohya(path: str, model: Any, factors: Mapping[str, Any], alpha: float, rank: int) -> None:
+    """Writes one factor tree as a new kohya-format .safetensors file (written beside it and renamed into
+    place), with the metadata kohya writes that A1111 reads (network module, dim, alpha, base model)."""
+    from sdjax.convert.safetensors_io import write_safetensors
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: already exists; export to a new file")
+    metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                "ss_network_alpha": str(alpha)}
+    if "text_encoder_2" in model.networks:
+        metadata["ss_base_model_version"] = "sdxl_base_v1-0"
+    elif model.networks["text_encoder"].config.hidden_act != "quick_gelu":
+        metadata["ss_v2"] = "True"  # OpenCLIP text: SD 2.x
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = f"{path}.{os.getpid()}.partial"
+    try:
+        write_safetensors(staging, kohya_state(model, factors, alpha), metadata)
+        os.rename(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise

@@ -179,7 +179,7 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
     with abstract inputs; returns its per-device memory, state bytes and FLOPs."""
     from sdjax.train.optimizer import make_optimizer
     from sdjax.train.placement import replicated, state_shardings
-    from sdjax.train.step import make_train_step
+    from sdjax.train.step import make_step
     from sdjax.train.tasks import unet as unet_task
 
     from sdjax.train.loop import check_batch
@@ -187,7 +187,8 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
     rules = config.mesh.rules
     check_batch(config, mesh)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    abstract, shardings = state_shardings(dict(model.networks), unet_task.trained(config, model), config, tx, mesh)
+    networks, trained, objective = unet_task.training(config, model)  # full fine-tuning or a LoRA
+    abstract, shardings = state_shardings(networks, trained, config, tx, mesh)
     side = config.data.resolution
     images = lambda shape: jax.ShapeDtypeStruct((config.batch_size,) + shape, jnp.float32,
                                                 sharding=batch_sharding(mesh, rules, 4))
@@ -203,7 +204,7 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
                                             sharding=batch_sharding(mesh, rules, 1 + len(shape)))
                   for key, shape, dtype in (("original_size", (2,), jnp.int32), ("crop_top_left", (2,), jnp.int32),
                                             ("caption_dropped", (), jnp.bool_))})
-    step = jax.jit(make_train_step(model, config, tx, shardings.params), donate_argnums=0,
+    step = jax.jit(make_step(objective, config, tx, shardings.params), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)))
     compiled, seconds = _compile(step, (_with_shardings(abstract, shardings), batch), mesh, rules,
                                  f"the train step (batch {config.batch_size})")
@@ -214,7 +215,7 @@ def plan_training(model: Model, config: ml_collections.ConfigDict, mesh: Mesh) -
     flops = compiled_flops(compiled) * config.grad_accum_steps * mesh.size
     # The model's FLOPs for MFU: the step traced with one-op attention, unpartitioned. The compiled count
     # misses what runs in custom calls (on TPU the Pallas attention kernels: about half of SD 1.5's step).
-    model_flops = traced_flops(make_train_step(model, config, tx), abstract, batch) * config.grad_accum_steps
+    model_flops = traced_flops(make_step(objective, config, tx), abstract, batch) * config.grad_accum_steps
     return {"batch_size": int(config.batch_size), "resolution": int(side), "dtype": str(config.model.dtype),
             "remat": bool(config.model.remat), "grad_accum_steps": int(config.grad_accum_steps),
             "trained": sorted(abstract.params), "memory": memory(compiled), "state": state,

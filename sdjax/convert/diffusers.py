@@ -229,7 +229,7 @@ def default_model_index(scheduler_class: str, pipeline: str = "StableDiffusionPi
 
 
 @contextlib.contextmanager
-def _staged_folder(folder: str) -> Iterator[str]:
+def staged_folder(folder: str) -> Iterator[str]:
     """A temporary sibling of `folder` to write into, renamed into place when the block succeeds, so
     that an interrupted export leaves no half-written folder. `folder` must not exist yet, or be empty."""
     folder = os.path.abspath(folder)
@@ -264,7 +264,7 @@ def save_pipeline(folder: str, *, configs: dict[str, Any], params: dict[str, Any
                   dtype: Any = None) -> None:
     """Writes a diffusers pipeline folder atomically: each network of `configs` with its `params`, each
     tokenizer, the scheduler config; `dtype` (e.g. np.float16) casts float weights."""
-    with _staged_folder(folder) as staging:
+    with staged_folder(folder) as staging:
         scheduler_class = scheduler_config.get("_class_name", "PNDMScheduler")
         index = dict(model_index or default_model_index(scheduler_class))
         _write_json(os.path.join(staging, "model_index.json"), index)
@@ -280,7 +280,7 @@ def save_components(folder: str, *, configs: dict[str, Any], params: dict[str, A
                     extra: Callable[[str], None] | None = None) -> None:
     """Writes some components of a pipeline (a training stage's output, e.g. only vae/) atomically in
     the same layout, so `load_component` and later stages read them; `extra(staging)` adds files."""
-    with _staged_folder(folder) as staging:
+    with staged_folder(folder) as staging:
         for name in configs:
             _write_component(staging, name, configs[name], params[name], None)
         if tokenizer is not None:

@@ -124,7 +124,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     header: dict = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name])
+        array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes 0-d arrays 1-d)
         if array.dtype not in _NAMES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
         header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),

@@ -15,7 +15,9 @@ from sdjax.models.vae import AutoencoderKL
 
 
 def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The smallest inputs that trace every parameter of `module` (shapes only)."""
+    """The smallest inputs that trace every parameter of `module` (shapes only); a module may name its own."""
+    if hasattr(module, "example_inputs"):
+        return module.example_inputs()
     cfg = module.config
     if isinstance(module, CLIPTextModel):
         return (jax.ShapeDtypeStruct((1, cfg.max_position_embeddings), jnp.int32),)

@@ -38,6 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_text_encoder = False
     c.model.dtype = "float32"       # compute dtype; parameters and optimizer state stay float32
     c.model.remat = False           # rematerialise UNet blocks in the backward pass
+    c.lora = ml_collections.ConfigDict()  # task "unet": train a LoRA instead of the whole UNet (rank > 0)
+    c.lora.rank = 0                 # 0 = off (full fine-tuning)
+    c.lora.alpha = 0.0              # the delta is (alpha / rank) * up @ down; 0 = rank (a multiplier of 1)
+    c.lora.unet_targets = ""        # regex searched in the UNet's module paths; "" = sdjax.lora.UNET_TARGETS
+    c.lora.text_encoder = False     # also LoRAs on the text encoder(s)
+    c.lora.text_targets = ""        # regex for the text encoders' module paths; "" = sdjax.lora.TEXT_TARGETS
     c.model.attention_impl = "auto"
 
     c.data = default_data_config()

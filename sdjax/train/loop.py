@@ -100,6 +100,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_keys(config)
     check_numbers(config)
     task_module(config).check(config)
+    if config.lora.rank and config.task != "unet":
+        raise ValueError(f"lora.rank: LoRAs are trained by task 'unet', not {config.task!r}")
     check_batch(config, make_mesh(config.mesh))
     if config.total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")

@@ -98,3 +98,31 @@ def scratch_sweep(add) -> None:
     for lr in (1e-4, 3e-4):
         for gamma in (0.0, 5.0):
             add(**{"optimizer.learning_rate": lr, "loss.min_snr_gamma": gamma})
+
+
+def lora_config(tiny: bool = False) -> ml_collections.ConfigDict:
+    """A LoRA on a checkpoint (model.pretrained): rank 16, alpha 8, kohya's default targets (the UNet's
+    transformer blocks), lr 1e-4 (LoRAs take far larger steps than full fine-tuning), no EMA (the
+    factors start at zero and move fast), export kohya-format lora.safetensors."""
+    c = finetune_config(tiny=False)
+    c.lora.rank = 16
+    c.lora.alpha = 8.0
+    c.total_steps = 2000
+    c.batch_size = 8
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 100
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.ema_decay = 0.0
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep_every = 0
+    c.log.preview_every_steps = 500
+    if tiny:
+        shrink_for_cpu(c)
+        c.lora.rank, c.lora.alpha = 4, 2.0
+    return c
+
+
+def lora_sweep(add) -> None:
+    """The learning rates and ranks worth trying for a LoRA."""
+    for lr in (5e-5, 1e-4, 2e-4):
+        add(**{"optimizer.learning_rate": lr})

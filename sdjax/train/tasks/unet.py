@@ -4,7 +4,9 @@ scratch on the outputs of the earlier stages). Export: a whole diffusers folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -16,20 +18,36 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.conditioning import takes_added_conditions, tokenizer_fn, uses_aesthetic_score
+from sdjax.convert.diffusers import staged_folder
 from sdjax.data.latent_cache import check_cacheable, ensure_latent_cache
+from sdjax.lora import TEXT_TARGETS, TRAINED, UNET_TARGETS, save_kohya, train_targets, with_trained
 from sdjax.models.attention import resolved_impl
+from sdjax.models.lora_factors import LoRAFactors
 from sdjax.parallel import sync_processes, to_host
 from sdjax.pipeline import generate
 from sdjax.stable_diffusion import Model, save
 from sdjax.train.build import build_model
 from sdjax.train.checkpoint import fingerprint
-from sdjax.train.objectives import diffusion_objective
+from sdjax.train.objectives import Objective, diffusion_objective
 from sdjax.train.tasks.task import EVAL_CHUNK, Task
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     if config.data.cache_latents:
         check_cacheable(config.data)
+    lora = config.lora
+    if lora.rank < 0 or lora.alpha < 0:
+        raise ValueError(f"lora.rank and lora.alpha must be >= 0, got {lora.rank} and {lora.alpha}")
+    if lora.rank and config.model.train_text_encoder:
+        raise ValueError("lora.rank with model.train_text_encoder: a LoRA run trains LoRAs only; set "
+                         "lora.text_encoder for text-encoder LoRAs")
+    if lora.rank and not config.model.pretrained:
+        raise ValueError("lora.rank: a LoRA is trained on a pretrained model; set model.pretrained")
+    for key in ("unet_targets", "text_targets"):
+        try:
+            re.compile(lora[key])
+        except re.error as e:
+            raise ValueError(f"lora.{key}: not a regular expression ({e})") from None
 
 
 def trained(config: ml_collections.ConfigDict, model: Model) -> tuple[str, ...]:
@@ -45,10 +63,39 @@ def check_model(model: Model) -> None:
                          "aesthetic score the training data does not carry; fine-tune the SDXL base instead")
 
 
+def lora_network(config: ml_collections.ConfigDict, model: Model) -> LoRAFactors:
+    """The LoRAFactors a config.lora run trains on `model`: the UNet's targets, and the text encoders'
+    with lora.text_encoder."""
+    patterns = {"unet": config.lora.unet_targets or UNET_TARGETS}
+    if config.lora.text_encoder:
+        patterns.update({enc.encoder: config.lora.text_targets or TEXT_TARGETS for enc in model.text})
+    return LoRAFactors(train_targets(model, patterns), config.lora.rank)
+
+
+def lora_multiplier(config: ml_collections.ConfigDict) -> float:
+    """alpha / rank (alpha 0: the rank, a multiplier of 1)."""
+    return (config.lora.alpha or config.lora.rank) / config.lora.rank
+
+
+def training(config: ml_collections.ConfigDict,
+             model: Model) -> tuple[dict[str, nn.Module], tuple[str, ...], Objective]:
+    """(the networks the step runs, those trained, the objective) of a run on `model`: full fine-tuning,
+    or with config.lora.rank a LoRA (every network frozen, the factors applied at alpha / rank).
+    train.py and plan.py both build the step from this."""
+    objective = diffusion_objective(model, config)
+    if not config.lora.rank:
+        return dict(model.networks), trained(config, model), objective
+    multiplier = lora_multiplier(config)
+    loss = lambda nets, batch, rand: objective.loss(with_trained(nets, multiplier), batch, rand)
+    return {**model.networks, TRAINED: lora_network(config, model)}, (TRAINED,), objective._replace(loss=loss)
+
+
 def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
     start = build_model(config.model, workdir)
     model = start.model
     check_model(model)
+    if config.lora.rank:
+        return _lora_task(config, model, start.params, workdir)
 
     def export(all_params: dict, folder: str) -> None:
         save(model, all_params, folder)
@@ -58,20 +105,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
         return generate(model, all_params, list(config.log.preview_prompts), num_steps=config.log.preview_steps,
                         guidance_scale=config.log.preview_guidance, height=side, width=side, seed=0)
 
-    def prepare_data(frozen: dict) -> str:
-        """data.cache_latents: the frozen VAE runs once over the split instead of in every step."""
-        folder = os.path.join(workdir, "latent_cache")
-        vae_params = to_host(frozen["vae"])  # a gather every process takes part in
-        if jax.process_index() == 0:
-            cache_latents(config, folder, model.vae, vae_params)
-        sync_processes("latent cache ready")
-        return folder
-
-    names = trained(config, model)
-    return Task(networks=dict(model.networks), params=dict(start.params), trained=names,
-                objective=diffusion_objective(model, config), tokenize=tokenizer_fn(model),
+    networks, names, objective = training(config, model)
+    return Task(networks=networks, params=dict(start.params), trained=names, objective=objective,
+                tokenize=tokenizer_fn(model),
                 identity=fingerprint(model, names), export=export, preview=preview,
-                prepare_data=prepare_data if config.data.cache_latents else None)
+                prepare_data=_prepare_data(config, model, workdir))
 
 
 def params_digest(params: dict[str, Any]) -> str:
@@ -104,3 +142,43 @@ def cache_latents(config: ml_collections.ConfigDict, folder: str, vae: nn.Module
     identity = {"vae_config": vae.config.to_dict(), "vae_dtype": jnp.dtype(vae.dtype).name,
                 "vae_attention_impl": resolved_impl(vae.attention_impl), "vae_params_sha256": params_digest(params)}
     ensure_latent_cache(folder, config.data, encode_chunk, identity, chunk, config.log.progress_bar)
+
+
+def _prepare_data(config: ml_collections.ConfigDict, model: Model, workdir: str):
+    """data.cache_latents: the frozen VAE runs once over the split instead of in every step."""
+    if not config.data.cache_latents:
+        return None
+
+    def prepare_data(frozen: dict) -> str:
+        folder = os.path.join(workdir, "latent_cache")
+        vae_params = to_host(frozen["vae"])  # a gather every process takes part in
+        if jax.process_index() == 0:
+            cache_latents(config, folder, model.vae, vae_params)
+        sync_processes("latent cache ready")
+        return folder
+
+    return prepare_data
+
+
+def _lora_task(config: ml_collections.ConfigDict, model: Model, params: dict[str, Any], workdir: str) -> Task:
+    """Training a LoRA: every network of the model frozen, only the factors trained (and held by the
+    optimizer and the EMA); the objective, previews and the export see the model with them applied.
+    Export: a kohya-format lora.safetensors (read by sdjax, diffusers, A1111 and ComfyUI)."""
+    networks, names, objective = training(config, model)
+    multiplier = lora_multiplier(config)
+
+    def export(all_params: dict, folder: str) -> None:
+        with staged_folder(folder) as staging:
+            save_kohya(os.path.join(staging, "lora.safetensors"), model, all_params[TRAINED],
+                       config.lora.alpha or config.lora.rank, config.lora.rank)
+
+    def preview(all_params: dict) -> np.ndarray:
+        side = config.data.resolution
+        return generate(model, with_trained(all_params, multiplier), list(config.log.preview_prompts),
+                        num_steps=config.log.preview_steps, guidance_scale=config.log.preview_guidance,
+                        height=side, width=side, seed=0)
+
+    identity = {**fingerprint(model, names), "lora": config.lora.to_dict()}
+    return Task(networks=networks, params=dict(params), trained=names,
+                objective=objective, tokenize=tokenizer_fn(model), identity=json.loads(json.dumps(identity)),
+                export=export, preview=preview, prepare_data=_prepare_data(config, model, workdir))
