@@ -94,7 +94,7 @@ class StableDiffusion:
     mesh: Any = None
     rules: Any = None
     loras: tuple = ()                     # ((sdjax.lora.LoRA, scale), ...) that `params` carry
-    loras_merged: bool = True             # merged into the weights, or applied at run time (params["lora"])
+    loras_merged: bool = True             # merged into the weights, or applied at run time (params["loras"])
     base_params: Mapping[str, Any] | None = None  # the weights without the LoRAs, kept to remove them bitwise
 
     def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:

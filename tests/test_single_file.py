@@ -70,13 +70,15 @@ def _state_dicts_equal(ours, theirs) -> None:
 # Tiny folder -> (pipeline class, the UNet config it gets: one layers_per_block for every level, which
 # diffusers' LDM converter needs).
 FAMILIES = {"sd1": ("StableDiffusionPipeline", UNETS["sd1"]), "sd2": ("StableDiffusionPipeline", UNETS["sd2"]),
+            "inpainting": ("StableDiffusionInpaintPipeline", UNETS["inpainting"]),
             "sdxl": ("StableDiffusionXLPipeline", _SDXL),
             "refiner": ("StableDiffusionXLImg2ImgPipeline",
                         dict(_SDXL, cross_attention_dim=40, projection_class_embeddings_input_dim=24 + 5 * 8))}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_single_file_export_loads_in_diffusers_as_the_same_model(family, checkpoints, sdxl_checkpoints, tmp_path):
+def test_single_file_export_loads_in_diffusers_as_the_same_model(family, checkpoints, sdxl_checkpoints,
+                                                                 inpaint_checkpoint, tmp_path):
     """sd.save(path, layout="single_file") writes the original layout of each family; diffusers'
     from_single_file (its own converters, configs from the folder) reads every network back bitwise, and
     so does sdjax.load(path, config=folder)."""
@@ -88,7 +90,7 @@ def test_single_file_export_loads_in_diffusers_as_the_same_model(family, checkpo
 
     cls_name, unet_config = FAMILIES[family]
     source = {**{k: v[0] for k, v in checkpoints.items()}, "sdxl": sdxl_checkpoints["base"][0],
-              "refiner": sdxl_checkpoints["refiner"][0]}[family]
+              "refiner": sdxl_checkpoints["refiner"][0], "inpainting": inpaint_checkpoint}[family]
     cls = getattr(diffusers, cls_name)
     pipe = cls.from_pretrained(source)
     torch.manual_seed(0)
@@ -109,9 +111,10 @@ def test_single_file_export_loads_in_diffusers_as_the_same_model(family, checkpo
     prefixes = {".".join(k.split(".")[:3]) if k.startswith("conditioner") else k.split(".")[0] for k in tensors}
     assert prefixes == {"sd1": {"model", "first_stage_model", "cond_stage_model"},
                         "sd2": {"model", "first_stage_model", "cond_stage_model"},
+                        "inpainting": {"model", "first_stage_model", "cond_stage_model"},
                         "sdxl": {"model", "first_stage_model", "conditioner.embedders.0", "conditioner.embedders.1"},
                         "refiner": {"model", "first_stage_model", "conditioner.embedders.0"}}[family]
-    if family != "sd1":  # OpenCLIP: fused q/k/v
+    if family not in ("sd1", "inpainting"):  # OpenCLIP: fused q/k/v
         fused = [k for k in tensors if k.endswith("transformer.resblocks.0.attn.in_proj_weight")]
         assert len(fused) == 1 and tensors[fused[0]].shape[0] == 3 * tensors[fused[0]].shape[1]
     half = tmp_path / "half.safetensors"

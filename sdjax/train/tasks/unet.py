@@ -100,15 +100,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
     def export(all_params: dict, folder: str) -> None:
         save(model, all_params, folder)
 
-    def preview(all_params: dict) -> np.ndarray:
-        side = config.data.resolution
-        return generate(model, all_params, list(config.log.preview_prompts), num_steps=config.log.preview_steps,
-                        guidance_scale=config.log.preview_guidance, height=side, width=side, seed=0)
-
     networks, names, objective = training(config, model)
     return Task(networks=networks, params=dict(start.params), trained=names, objective=objective,
                 tokenize=tokenizer_fn(model),
-                identity=fingerprint(model, names), export=export, preview=preview,
+                identity=fingerprint(model, names), export=export, preview=_preview(config, model),
                 prepare_data=_prepare_data(config, model, workdir))
 
 
@@ -144,6 +139,17 @@ def cache_latents(config: ml_collections.ConfigDict, folder: str, vae: nn.Module
     ensure_latent_cache(folder, config.data, encode_chunk, identity, chunk, config.log.progress_bar)
 
 
+def _preview(config: ml_collections.ConfigDict, model: Model, weights=lambda params: params):
+    """params -> the preview images (fixed seed) of the model with weights(params)."""
+    def preview(all_params: dict) -> np.ndarray:
+        side = config.data.resolution
+        return generate(model, weights(all_params), list(config.log.preview_prompts),
+                        num_steps=config.log.preview_steps, guidance_scale=config.log.preview_guidance,
+                        height=side, width=side, seed=0)
+
+    return preview
+
+
 def _prepare_data(config: ml_collections.ConfigDict, model: Model, workdir: str):
     """data.cache_latents: the frozen VAE runs once over the split instead of in every step."""
     if not config.data.cache_latents:
@@ -172,13 +178,8 @@ def _lora_task(config: ml_collections.ConfigDict, model: Model, params: dict[str
             save_kohya(os.path.join(staging, "lora.safetensors"), model, all_params[TRAINED],
                        config.lora.alpha or config.lora.rank, config.lora.rank)
 
-    def preview(all_params: dict) -> np.ndarray:
-        side = config.data.resolution
-        return generate(model, with_trained(all_params, multiplier), list(config.log.preview_prompts),
-                        num_steps=config.log.preview_steps, guidance_scale=config.log.preview_guidance,
-                        height=side, width=side, seed=0)
-
     identity = {**fingerprint(model, names), "lora": config.lora.to_dict()}
     return Task(networks=networks, params=dict(params), trained=names,
                 objective=objective, tokenize=tokenizer_fn(model), identity=json.loads(json.dumps(identity)),
-                export=export, preview=preview, prepare_data=_prepare_data(config, model, workdir))
+                export=export, preview=_preview(config, model, lambda p: with_trained(p, multiplier)),
+                prepare_data=_prepare_data(config, model, workdir))
