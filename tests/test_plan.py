@@ -18,8 +18,8 @@ def _plan(*args, devices=8):
                           env=env, timeout=1800)
 
 
-def _report(path, *args):
-    result = _plan(*args, f"--json={path}")
+def _report(path, *args, devices=8):
+    result = _plan(*args, f"--json={path}", devices=devices)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(path) as f:
         return result.stdout, json.load(f)
@@ -77,6 +77,20 @@ def test_plans_sdxl_fine_tuning_with_both_text_encoders(tmp_path, sdxl_checkpoin
     assert train["trained"] == ["text_encoder", "text_encoder_2", "unet"]
     assert 0 < train["model_flops_per_step"] and train["memory"]["temp_bytes"] > 0
     assert sample["guidance"] and sample["resolution"] == 32 and sample["flops_per_call"] > sample["flops_per_step"]
+
+
+def test_lora_plan_holds_only_the_factors_in_the_optimizer(tmp_path, checkpoints):
+    """A config.lora run plans as it trains: the factors are the trained parameters (and the optimizer's
+    state), every network is frozen, and the state is far smaller than full fine-tuning's."""
+    folder, _ = checkpoints["sd1"]
+    args = (f"--config={ROOT}/configs/lora_sd15.py:tiny", f"--config.model.pretrained={folder}", "--mesh=data=2",
+            "--nosample", "--config.lora.text_encoder=True")
+    _, lora = _report(tmp_path / "lora.json", *args, devices=2)
+    _, full = _report(tmp_path / "full.json", *args, "--config.lora.rank=0", devices=2)
+    assert lora["train"]["trained"] == ["lora"] and full["train"]["trained"] == ["unet"]
+    lora_state, full_state = lora["train"]["state"], full["train"]["state"]
+    assert lora_state["opt_state"]["global_bytes"] < full_state["opt_state"]["global_bytes"] / 4
+    assert lora_state["frozen"]["global_bytes"] > full_state["frozen"]["global_bytes"]  # the UNet joins them
 
 
 @pytest.mark.parametrize("mesh,message", [

@@ -373,4 +373,4 @@ def test_full_size_sd15_file_loads_and_samples_without_a_config_folder(tmp_path)
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     _, _, parameters = parse_parameters(read_parameters(str(out / "00000-0.png")))
-    assert parameters["Model"] == "sd15-like" and parameters["Sampler"] == "PNDM"
+    assert parameters["Model"] == "sd15-like" and parameters["Sampler"] == "PLMS"  # A1111's name for PNDM
