@@ -412,7 +412,10 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
         refiner: Refiner | None = None, loras: dict[str, Any] | None = None) -> list[str]:
     """Generates every job, writing <n>-<seed>.png files; returns their paths. `loras` holds the LoRAs
     the jobs name (read_loras), merged into `sd` for the jobs that use them."""
+    from sdjax.lora import a1111_hash
+
     loras = loras or {}
+    hashes = {path: a1111_hash(path) for path in loras}  # for the PNG parameters, once per file
     index = next_index(out_dir)
     paths = []
     groups = list(batches(jobs, batch_size))
@@ -454,7 +457,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                 settings.update({"Refiner": refiner.name, "Refiner switch at": refiner.switch})
             if job.loras:  # A1111's: "alias: short hash", aliases without ":" or ","
                 settings["Lora hashes"] = ", ".join(
-                    f"{loras[p].name.replace(':', '').replace(',', '')}: {loras[p].hash}" for p, _ in job.loras)
+                    f"{loras[p].name.replace(':', '').replace(',', '')}: {hashes[p]}" for p, _ in job.loras)
             path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
             save_png(path, image, format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings))
             paths.append(path)

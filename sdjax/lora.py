@@ -64,12 +64,11 @@ _PEFT_LEAF = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_A\.weight|lora_B\.weigh
 class LoRA:
     """A LoRA file matched onto a model. `factors[network]` is a tree like that network's parameters,
     holding {"down": (..., in, rank), "up": (rank, out)} (float32, our layout, alpha / rank folded into
-    "up") where the file changes a kernel. `name` is the file's stem (A1111's <lora:name:scale>), `hash`
-    A1111's short hash of the file, `keys` how many tensors of the file were used (all of them)."""
+    "up") where the file changes a kernel. `name` is the file's stem (A1111's <lora:name:scale>), `keys`
+    how many tensors of the file were used (all of them). a1111_hash(path) gives A1111's short hash."""
 
     name: str
     path: str
-    hash: str
     factors: Mapping[str, Any]
     keys: int
 
@@ -91,18 +90,15 @@ def module_names(network: str, config: Any, params: Any) -> dict[str, tuple[str,
     """Every name a LoRA file may give a kernel of `network` -> its Flax path: the diffusers /
     transformers module path (PEFT; text encoders also without "text_model."), the same with "_" for "."
     (kohya), and for the UNet the original LDM path with "_" (kohya's SDXL files)."""
-    component = COMPONENTS[network]
-    kernels = {component.export_key(torch_key(path)): path for path in flatten_dict(unfreeze(params))
-               if path[-1] == "kernel"}
-    ldm = ldm_keys(network, config, kernels) if network == "unet" else {}
+    kernels = {module_name(network, path): path for path in flatten_dict(unfreeze(params)) if path[-1] == "kernel"}
+    ldm = ldm_keys(network, config, [torch_key(path) for path in kernels.values()]) if network == "unet" else {}
     names: dict[str, tuple[str, ...]] = {}
-    for key, path in kernels.items():
-        module = key.removesuffix(".weight")
+    for module, path in kernels.items():
         aliases = {module, module.replace(".", "_")}
         if module.startswith("text_model."):
             aliases.add(module.removeprefix("text_model."))
-        if key in ldm:
-            aliases.add(ldm[key].removesuffix(".weight").replace(".", "_"))
+        if torch_key(path) in ldm:
+            aliases.add(ldm[torch_key(path)].removesuffix(".weight").replace(".", "_"))
         for alias in aliases:
             if names.setdefault(alias, path) != path:
                 raise AssertionError(f"LoRA module name {alias!r} is ambiguous in {network}")
@@ -169,6 +165,7 @@ def read_lora(path: str, model: Any, params: Mapping[str, Any], *, allow_pickle:
         raise CheckpointError(f"{path}: {len(groups) - matched} of its {len(groups)} LoRA modules match nothing in "
                               f"this model ({matched} matched), first {module!r} for {network}"
                               + ("" if network in model.networks else f" (the model has no {network})"))
+    peft_alphas = {network: _peft_alphas(metadata, network) for network in names}
     flat: dict[str, dict[tuple, Any]] = {}
     for (network, module), parts in groups.items():
         if "down" not in parts or "up" not in parts:
@@ -180,7 +177,7 @@ def read_lora(path: str, model: Any, params: Mapping[str, Any], *, allow_pickle:
         rank = down.shape[-1]
         alpha = parts.get("alpha")
         if alpha is None and parts["peft"]:
-            default, pattern = _peft_alphas(metadata, network)
+            default, pattern = peft_alphas[network]
             alpha = next((a for p, a in pattern.items() if re.match(rf"(.*\.)?({p})$", module)), default)
         if alpha is not None and np.size(alpha) != 1:
             raise CheckpointError(f"{path}: LoRA module {module!r} has an alpha of shape {np.shape(alpha)}, not one "
@@ -189,7 +186,7 @@ def read_lora(path: str, model: Any, params: Mapping[str, Any], *, allow_pickle:
         flat.setdefault(network, {})[kernel_path + ("down",)] = down
         flat[network][kernel_path + ("up",)] = up * np.float32(alpha / rank)
     factors = {network: unflatten_dict(leaves) for network, leaves in flat.items()}
-    return LoRA(os.path.splitext(os.path.basename(path))[0], path, a1111_hash(path), factors, len(tensors))
+    return LoRA(os.path.splitext(os.path.basename(path))[0], path, factors, len(tensors))
 
 
 def _kernel_shape(tree: Any, path: tuple[str, ...]) -> tuple[int, ...]:
@@ -349,8 +346,8 @@ def kohya_state(model: Any, factors: Mapping[str, Any], alpha: float) -> dict[st
         for kernel in kernels:
             down = np.asarray(flat[kernel + ("down",)], np.float32)
             up = np.asarray(flat[kernel + ("up",)], np.float32)
-            name = ldm.get(torch_key(kernel), torch_key(kernel)) if ldm else module_name(network, kernel) + ".weight"
-            key = prefixes[network] + name.removesuffix(".weight").replace(".", "_")
+            name = ldm[torch_key(kernel)].removesuffix(".weight") if ldm else module_name(network, kernel)
+            key = prefixes[network] + name.replace(".", "_")
             conv = down.ndim == 4
             torch_down = np.transpose(down, (3, 2, 0, 1)) if conv else down.T
             state[f"{key}.lora_down.weight"] = np.ascontiguousarray(torch_down)

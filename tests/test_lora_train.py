@@ -2,9 +2,6 @@
 the loss falls, and the kohya-format export is what diffusers' load_lora_weights reads."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,15 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_checks import train_tiny  # noqa: E402
 
 
-def _train(workdir, folder: str, data_dir: str, *flags: str, config: str = "lora_sd15.py"):
-    env = dict(os.environ, SDJAX_DATA_DIR=data_dir)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                           f"--config={os.path.join(ROOT, 'configs', config)}:tiny", f"--workdir={workdir}",
-                           f"--config.model.pretrained={folder}", "--config.log.progress_bar=False", *flags],
-                          capture_output=True, text=True, env=env, timeout=900)
+def _train(workdir, folder: str, data_dir: str, *flags: str):
+    return train_tiny("lora_sd15.py", workdir, folder, data_dir, *flags)
 
 
 def _rel(ours, ref) -> float:

@@ -3,9 +3,6 @@ captions zeroed) against diffusers' own time-id assembly and the sampler's condi
 configs/sdxl_finetune.py:tiny end to end (loss falls, both text encoders train, export loads in diffusers)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch reference is not installed (torch-free run)")
 
 import sdjax
+from cli_checks import train_tiny
 from sdjax.conditioning import MicroConditioning, batch_conditioning, encode_text, time_ids
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle", "a blue square on green", "a small yellow star"]
 
 
@@ -72,11 +69,7 @@ def test_dropped_captions_are_zeroed_as_sdxl_trains_them(sdxl_checkpoints, check
 
 
 def _train(workdir, folder, data_dir, *flags):
-    env = dict(os.environ, SDJAX_DATA_DIR=data_dir)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                           f"--config={os.path.join(ROOT, 'configs/sdxl_finetune.py')}:tiny", f"--workdir={workdir}",
-                           f"--config.model.pretrained={folder}", "--config.log.progress_bar=False", *flags],
-                          capture_output=True, text=True, env=env, timeout=900)
+    return train_tiny("sdxl_finetune.py", workdir, folder, data_dir, *flags)
 
 
 def test_sdxl_finetune_tiny_trains_and_exports_a_diffusers_sdxl_folder(sdxl_checkpoints, tmp_path):
