@@ -7,6 +7,7 @@
     python sample.py --model ... --prompt "..." --init-image in.png --mask mask.png --out out/      (inpainting)
     python sample.py --model sdxl-base --refiner sdxl-refiner --refiner-switch 0.8 --prompt "..."  (SDXL)
     python sample.py --model v1-5.safetensors --lora style.safetensors:0.7 --lora detail.safetensors --prompt "..."
+    python sample.py --prompt-syntax a1111 --prompt "a (large:1.3) green [triangle] BREAK white background"
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "seed, steps, guidance, scheduler, size, num_images, init_image, mask, "
                                           "strength, lora), checked like the flag; every line is checked before the "
                                           "first image")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
+                   help="plain: prompts as written, truncated to the text encoder's window (diffusers' behaviour); "
+                        "a1111: AUTOMATIC1111's (word), (word:1.3), [word] weighting, \\( escapes, BREAK, and "
+                        "prompts longer than one window (default plain)")
     add_field_flags(p)  # the per-image settings: defaults for every prompt
     p.add_argument("--refiner", help="an SDXL refiner folder or single file: the --model (an SDXL base) denoises until "
                                      "--refiner-switch, the refiner does the rest (text-to-image jobs only)")
@@ -77,6 +82,7 @@ def main(argv: list[str]) -> int:
         entries += job.read_prompt_file(args.prompts_file) if args.prompts_file else []
         if not entries:
             raise ValueError("no prompts: give --prompt or --prompts-file")
+        job.check_prompt_syntax(entries, flags, args.prompt_syntax)
         check_output_dir(args.out, "--out")  # created only once the whole job is checked
 
         import jax.numpy as jnp
@@ -105,7 +111,7 @@ def main(argv: list[str]) -> int:
         loras = job.read_loras(sd, jobs)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras)
+        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras, args.prompt_syntax)
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

@@ -346,11 +346,27 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
     return jobs
 
 
-def batches(jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
-    """Consecutive jobs with the same batch_key, at most batch_size at a time."""
+def check_prompt_syntax(entries: list[Entry], flags: dict[str, Any], syntax: str) -> None:
+    """Every prompt and negative prompt can be read in `syntax` (A1111's brackets), before any work."""
+    if syntax == "plain":
+        return
+    from sdjax.prompt_syntax import parse
+
+    for entry in entries:
+        negative = entry.settings.get("negative_prompt", flags.get("negative_prompt", ""))
+        for where, text in ((entry.where, entry.prompt), (entry.source("negative_prompt"), negative)):
+            try:
+                parse(text)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+
+
+def batches(jobs: list[Job], batch_size: int, key: Callable[[Job], Any] = lambda job: ()) -> Iterator[list[Job]]:
+    """Consecutive jobs with the same batch_key (and `key`), at most batch_size at a time."""
     current: list[Job] = []
+    full_key = lambda job: (job.batch_key(), key(job))
     for job in jobs:
-        if current and (len(current) == batch_size or job.batch_key() != current[0].batch_key()):
+        if current and (len(current) == batch_size or full_key(job) != full_key(current[0])):
             yield current
             current = []
         current.append(job)
@@ -409,16 +425,20 @@ def _lora_prompt(job: Job, loras: dict[str, Any]) -> str:
 
 
 def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
-        refiner: Refiner | None = None, loras: dict[str, Any] | None = None) -> list[str]:
+        refiner: Refiner | None = None, loras: dict[str, Any] | None = None, prompt_syntax: str = "plain") -> list[str]:
     """Generates every job, writing <n>-<seed>.png files; returns their paths. `loras` holds the LoRAs
-    the jobs name (read_loras), merged into `sd` for the jobs that use them."""
+    the jobs name (read_loras), merged into `sd` for the jobs that use them. In the "a1111" prompt
+    syntax, jobs are batched only with jobs of the same window count, so that no image is padded
+    with empty windows for another's sake."""
+    from sdjax.conditioning import prompt_chunks
     from sdjax.lora import a1111_hash
 
     loras = loras or {}
     hashes = {path: a1111_hash(path) for path in loras}  # for the PNG parameters, once per file
     index = next_index(out_dir)
     paths = []
-    groups = list(batches(jobs, batch_size))
+    windows = lambda job: max(prompt_chunks(sd.model, text, prompt_syntax) for text in (job.prompt, job.negative_prompt))
+    groups = list(batches(jobs, batch_size, windows))
     start = time.perf_counter()
     with_loras, merged_for = sd, ()
     for group in tqdm(groups, desc="batches", unit="batch"):
@@ -436,7 +456,8 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
         negatives = None if all(not j.negative_prompt for j in group) else [j.negative_prompt for j in group]
         common = dict(num_steps=first.steps, guidance_scale=first.guidance, scheduler=first.scheduler,
                       scheduler_options={"use_karras_sigmas": True} if first.karras else None,
-                      height=first.height, width=first.width, seed=[j.seed for j in group])
+                      height=first.height, width=first.width, seed=[j.seed for j in group],
+                      prompt_syntax=prompt_syntax)
         if refiner is None:
             images = with_loras.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength,
                                          **common)

@@ -43,6 +43,11 @@ class TextEncoding:
         """The batch key of this tokenizer's ids: input_ids, input_ids_2, ..."""
         return "input_ids" + self.tokenizer.removeprefix("tokenizer")
 
+    @property
+    def weights(self) -> str:
+        """The batch key of per-token weights (A1111's prompt syntax): token_weights, token_weights_2, ..."""
+        return "token_weights" + self.tokenizer.removeprefix("tokenizer")
+
 
 def text_encodings(networks: Sequence[str]) -> tuple[TextEncoding, ...]:
     """The text pairs of a model with these networks (component names); text_encoder's tokenizer is
@@ -85,6 +90,40 @@ def tokenizer_fn(model) -> TokenizerFn:
     return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer], lengths[enc.ids]) for enc in model.text})
 
 
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
+def tokenize_prompts(model, prompts: Sequence[str], syntax: str = "plain") -> dict[str, np.ndarray]:
+    """Prompts -> the token inputs of `encode_text`, for each of `model`'s tokenizers.
+
+    syntax "plain": the text as written, one window (longer prompts are truncated, as CLIP does).
+    "a1111": A1111's weighting brackets, BREAK and long prompts (sdjax.prompt_syntax): ids and
+    per-token weights (N, chunks x positions), every prompt padded with empty chunks to the largest
+    chunk count among `prompts` (pass a prompt and its negative together to give them one count).
+    """
+    if syntax == "plain":
+        return tokenizer_fn(model)(prompts)
+    if syntax != "a1111":
+        raise ValueError(f"prompt syntax {syntax!r} is unknown; known: {', '.join(PROMPT_SYNTAXES)}")
+    from sdjax import prompt_syntax
+
+    out, lengths = {}, _id_lengths(model)
+    for enc in model.text:
+        out[enc.ids], out[enc.weights] = prompt_syntax.batch(model.tokenizers[enc.tokenizer], prompts,
+                                                             lengths[enc.ids])
+    return out
+
+
+def prompt_chunks(model, prompt: str, syntax: str = "plain") -> int:
+    """How many encoder windows `prompt` takes in `syntax` (1 for plain prompts)."""
+    if syntax == "plain":
+        return 1
+    from sdjax import prompt_syntax
+
+    enc = model.text[0]
+    return prompt_syntax.chunk_count(model.tokenizers[enc.tokenizer], prompt, _id_lengths(model)[enc.ids])
+
+
 def abstract_ids(model, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of `tokenizer_fn(model)`'s output for `batch` prompts (for lowering without data)."""
     return {key: jax.ShapeDtypeStruct((batch, length), jnp.int32) for key, length in _id_lengths(model).items()}
@@ -105,16 +144,41 @@ def time_id_count(model) -> int:
 
 
 def encode_text(model, params: Mapping[str, Any], ids: Mapping[str, jax.Array]) -> Conditioning:
-    """Token ids (as from `tokenizer_fn`) -> Conditioning, with `params` holding each text encoder's."""
+    """Token ids (as from `tokenizer_fn` or `tokenize_prompts`) -> Conditioning, with `params` holding
+    each text encoder's.
+
+    Ids longer than the encoder's window are windows laid end to end: each is encoded alone and the
+    hidden states concatenated along the sequence; the pooled embedding is the first window's (as A1111
+    does). With per-token weights (A1111's syntax), each window's hidden states are scaled per token and
+    then rescaled so that their mean over tokens and features is what it was (A1111's "original"
+    emphasis, per prompt and window).
+    """
     contexts, pooled = [], None
     for enc in model.text:
         module = model.networks[enc.encoder]
-        hidden, pool = module.apply({"params": params[enc.encoder]}, ids[enc.ids], enc.hidden_layer)
-        contexts.append(hidden)
+        tokens = ids[enc.ids]
+        n, total = tokens.shape
+        window = module.config.max_position_embeddings
+        if total % window:
+            raise ValueError(f"{enc.ids} has {total} positions, not a multiple of the text encoder's {window}")
+        chunks = total // window
+        hidden, pool = module.apply({"params": params[enc.encoder]}, tokens.reshape(n * chunks, window),
+                                    enc.hidden_layer)
+        if enc.weights in ids:
+            hidden = emphasize(hidden, ids[enc.weights].reshape(n * chunks, window))
+        contexts.append(hidden.reshape(n, chunks * window, hidden.shape[-1]))
         if enc.pooled:
-            pooled = pool
+            pooled = pool.reshape(n, chunks, -1)[:, 0]
     context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=-1)
     return Conditioning(context, pooled)
+
+
+def emphasize(hidden: jax.Array, weights: jax.Array) -> jax.Array:
+    """Hidden states (B, L, D) scaled by per-token weights (B, L), each row's mean then restored."""
+    z = hidden.astype(jnp.float32)
+    weighted = z * weights.astype(jnp.float32)[..., None]
+    ratio = z.mean(axis=(1, 2), keepdims=True) / weighted.mean(axis=(1, 2), keepdims=True)
+    return (weighted * ratio).astype(hidden.dtype)
 
 
 def zeroes_empty_prompts(model) -> bool:

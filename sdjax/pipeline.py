@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.conditioning import (MicroConditioning, encode_text, takes_added_conditions, time_ids, unet_call,
-                                uses_aesthetic_score, zeroes_empty_prompts)
+from sdjax.conditioning import (PROMPT_SYNTAXES, MicroConditioning, encode_text, takes_added_conditions, time_ids,
+                                tokenize_prompts, unet_call, uses_aesthetic_score, zeroes_empty_prompts)
 from sdjax.lora import resolve
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
@@ -223,7 +223,8 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
              init_image: np.ndarray | None = None, strength: float | None = None, mask: np.ndarray | None = None,
              init_latents: np.ndarray | None = None, denoising_start: float | None = None,
              denoising_end: float | None = None, output: str = "images", micro: MicroConditioning | None = None,
-             negative_micro: MicroConditioning | None = None, mesh: Any = None, rules: Any = None) -> np.ndarray:
+             negative_micro: MicroConditioning | None = None, prompt_syntax: str = "plain", mesh: Any = None,
+             rules: Any = None) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1], one per prompt, from `model` (a sdjax.Model) with `params`.
     Raises ValueError for bad arguments (before any compute) and SamplingError if an image comes out
     non-finite.
@@ -254,6 +255,10 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         of the prompt and of the negative side; defaults as diffusers'. Only for UNets that take it.
       negative_prompts None on a model whose model_index.json sets force_zeros_for_empty_prompt (SDXL)
         gives zero unconditional embeddings, as diffusers does; [""] * N encodes the empty prompt.
+      prompt_syntax: "plain" (the text as written, one window) or "a1111": A1111's (word:1.3) / [word]
+        weighting, BREAK and prompts longer than one window (sdjax.prompt_syntax). In "a1111" every
+        prompt and negative of the call is padded with empty windows to the largest window count among
+        them, so an image depends on the others' lengths only through that count.
       mesh / rules: run with the image batch split over the mesh's batch axes (its size must divide
         the batch), `params` placed on it as StableDiffusion.shard places them.
     """
@@ -268,6 +273,8 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         raise ValueError(f"negative_prompts: {len(negative_prompts)} given for {n} prompts")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax {prompt_syntax!r} is unknown; known: {', '.join(PROMPT_SYNTAXES)}")
     for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale),
                         ("strength", strength), ("denoising_start", denoising_start),
                         ("denoising_end", denoising_end)):
@@ -333,7 +340,10 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
     elif np.shape(latents) != (n,) + latent_shape:
         raise ValueError(f"latents has shape {np.shape(latents)}; expected {(n,) + latent_shape} (N, h, w, C)")
 
-    inputs = {"ids": model.tokenize(prompts), "neg_ids": model.tokenize(negative_prompts), "keys": image_keys(seeds),
+    # One tokenization of both sides, so that prompt and negative get the same number of windows.
+    tokens = tokenize_prompts(model, prompts + negative_prompts, prompt_syntax)
+    inputs = {"ids": {k: v[:n] for k, v in tokens.items()}, "neg_ids": {k: v[n:] for k, v in tokens.items()},
+              "keys": image_keys(seeds),
               "noise": np.asarray(latents, np.float32), "init_images": init_image, "masks": mask,
               "init_latents": init_latents}
     inputs.update(_time_ids(model, n, height, width, micro, negative_micro))

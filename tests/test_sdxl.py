@@ -75,6 +75,26 @@ def test_prompt_embeddings_match_diffusers(sdxl_checkpoints, loaded, kind):
     assert _rel(cond.pooled, pooled) <= 1e-4
 
 
+def test_a1111_long_prompt_weighs_each_encoder_and_pools_the_first_window(loaded):
+    """SDXL in A1111's syntax: each text encoder's windows are weighted alone and concatenated; the pooled
+    embedding is the first window's, as A1111 takes it."""
+    from sdjax.conditioning import emphasize, tokenize_prompts
+
+    sd = loaded["base"]
+    prompt = "a (red:1.3) circle " * 15 + "BREAK [blue] square"  # 6 tokens per phrase here
+    inputs = tokenize_prompts(sd.model, [prompt], "a1111")
+    assert inputs["input_ids"].shape == inputs["input_ids_2"].shape == (1, 3 * 77)
+    cond = encode_text(sd.model, sd.params, inputs)
+    assert cond.context.shape == (1, 3 * 77, 72)
+    per_window = encode_text(sd.model, sd.params, {k: inputs[k].reshape(3, 77) for k in ("input_ids", "input_ids_2")})
+    np.testing.assert_allclose(cond.pooled[0], per_window.pooled[0], rtol=1e-6, atol=1e-6)
+    for k, (key, columns) in enumerate((("token_weights", slice(0, 32)), ("token_weights_2", slice(32, 72)))):
+        expected = emphasize(per_window.context[:, :, columns], inputs[key].reshape(3, 77))
+        np.testing.assert_allclose(cond.context[0, :, columns], np.asarray(expected).reshape(3 * 77, -1), rtol=1e-5,
+                                   atol=1e-6)
+    assert inputs["token_weights"].max() == np.float32(1.3) and inputs["token_weights"].min() == np.float32(1 / 1.1)
+
+
 def _unet_inputs(kind: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     width, ids = (72, 6) if kind == "base" else (40, 5)
