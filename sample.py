@@ -8,6 +8,7 @@
     python sample.py --model sdxl-base --refiner sdxl-refiner --refiner-switch 0.8 --prompt "..."  (SDXL)
     python sample.py --model v1-5.safetensors --lora style.safetensors:0.7 --lora detail.safetensors --prompt "..."
     python sample.py --prompt-syntax a1111 --prompt "a (large:1.3) green [triangle] BREAK white background"
+    python sample.py --model ... --embedding learned_embeds.safetensors:<my-cat> --prompt "a photo of <my-cat>"
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "seed, steps, guidance, scheduler, size, num_images, init_image, mask, "
                                           "strength, lora), checked like the flag; every line is checked before the "
                                           "first image")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (diffusers' learned_embeds, A1111's, SDXL's clip_l/clip_g; "
+                        ".safetensors) whose word prompts can then use; TOKEN defaults to the name the file gives "
+                        "(its key, or its file name). Repeat for several")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickled files (.ckpt/.bin/.pt) for --model, --lora and --embedding: unpickling "
+                        "can run code, so only for files you trust")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
                    help="plain: prompts as written, truncated to the text encoder's window (diffusers' behaviour); "
                         "a1111: AUTOMATIC1111's (word), (word:1.3), [word] weighting, \\( escapes, BREAK, and "
@@ -89,13 +97,21 @@ def main(argv: list[str]) -> int:
 
         from sdjax.pipeline import enable_compilation_cache
         from sdjax.schedulers import scheduler_name
+        from sdjax.textual_inversion import read_embedding
 
         model = args.model or sdjax.DEFAULT_MODEL
         single = os.path.isfile(model)
         if not single and (args.model_config or args.ema):
             raise ValueError(f"--model-config and --ema are for a single-file --model; {model} is not a file")
+        embeddings = {}  # word -> its file's vectors
+        for text in args.embedding:
+            path, token = job.parse_embedding(text)
+            embedding = read_embedding(path, allow_pickle=args.allow_pickle)
+            embeddings[token or embedding.name] = embedding
         sd = sdjax.load(model, dtype=getattr(jnp, args.dtype), config=args.model_config, ema=args.ema,
-                        prediction_type=args.prediction_type)
+                        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+        for word, embedding in embeddings.items():
+            sd = sd.with_textual_inversion(embedding, word)
         unet, vae = sd.model.unet, sd.model.vae
         native = unet.config.sample_size * vae.config.downscale
         jobs = job.expand_jobs(entries, flags, native_size=(native, native),
@@ -105,13 +121,16 @@ def main(argv: list[str]) -> int:
         if args.refiner:
             if any(j.init_image for j in jobs):
                 raise ValueError("--refiner: only for text-to-image jobs (no --init-image / init_image)")
-            refiner = job.Refiner(sdjax.load(args.refiner, dtype=getattr(jnp, args.dtype)), args.refiner_switch,
-                                  model_name(args.refiner))
+            refined = sdjax.load(args.refiner, dtype=getattr(jnp, args.dtype), allow_pickle=args.allow_pickle)
+            for word, embedding in embeddings.items():  # SDXL embeddings: the refiner takes their clip_g vectors
+                refined = refined.with_textual_inversion(embedding, word)
+            refiner = job.Refiner(refined, args.refiner_switch, model_name(args.refiner))
             job.check_refiner(sd, refiner)
-        loras = job.read_loras(sd, jobs)
+        loras = job.read_loras(sd, jobs, args.allow_pickle)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
-        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras, args.prompt_syntax)
+        job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras, args.prompt_syntax,
+                {word: e.path for word, e in embeddings.items()})
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

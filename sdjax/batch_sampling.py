@@ -133,11 +133,28 @@ def _image_file(path: str) -> str:
     return path
 
 
+def split_suffix(text: str) -> tuple[str, str | None]:
+    """"FILE" or "FILE:SUFFIX" -> (FILE, SUFFIX or None); an existing file whose name holds ":" is taken whole."""
+    if os.path.isfile(text) or ":" not in text:
+        return text, None
+    path, _, suffix = text.rpartition(":")
+    return path, suffix
+
+
+def parse_embedding(text: str) -> tuple[str, str | None]:
+    """"FILE" or "FILE:TOKEN" -> (FILE, TOKEN or None: the name the file gives); the file must exist."""
+    path, token = split_suffix(text)
+    if not os.path.isfile(path):
+        raise ValueError(f"--embedding {path}: file not found")
+    if token is not None and not token.strip():
+        raise ValueError(f"--embedding {text!r}: empty token after ':'")
+    return path, token
+
+
 def parse_lora(text: str) -> tuple[str, float]:
     """"FILE" or "FILE:SCALE" -> (FILE, scale; default 1.0); the file must exist."""
-    path, scale = text, "1"
-    if not os.path.isfile(text) and ":" in text:
-        path, _, scale = text.rpartition(":")
+    path, scale = split_suffix(text)
+    scale = "1" if scale is None else scale
     try:
         value = float(scale)
     except ValueError:
@@ -411,12 +428,12 @@ def check_refiner(base, refiner: Refiner) -> None:
                          f"match the base's ({a.latent_channels} channels, 1/{a.downscale} size)")
 
 
-def read_loras(sd, jobs: list[Job]) -> dict[str, Any]:
+def read_loras(sd, jobs: list[Job], allow_pickle: bool = False) -> dict[str, Any]:
     """Every LoRA file the jobs name, read and matched onto `sd`'s model (errors before any image)."""
     from sdjax.lora import read_lora
 
     paths = dict.fromkeys(path for job in jobs for path, _ in job.loras)
-    return {path: read_lora(path, sd.model, sd.params) for path in paths}
+    return {path: read_lora(path, sd.model, sd.params, allow_pickle=allow_pickle) for path in paths}
 
 
 def _lora_prompt(job: Job, loras: dict[str, Any]) -> str:
@@ -424,17 +441,27 @@ def _lora_prompt(job: Job, loras: dict[str, Any]) -> str:
     return job.prompt + "".join(f" <lora:{loras[path].name}:{scale:g}>" for path, scale in job.loras)
 
 
+def used_embeddings(job: Job, files: dict[str, str]) -> dict[str, str]:
+    """The loaded textual-inversion words (word -> file, of `files`) that the job's prompt or negative names."""
+    return {word: path for word, path in files.items() if word in job.prompt or word in job.negative_prompt}
+
+
 def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
-        refiner: Refiner | None = None, loras: dict[str, Any] | None = None, prompt_syntax: str = "plain") -> list[str]:
+        refiner: Refiner | None = None, loras: dict[str, Any] | None = None, prompt_syntax: str = "plain",
+        embeddings: dict[str, str] | None = None) -> list[str]:
     """Generates every job, writing <n>-<seed>.png files; returns their paths. `loras` holds the LoRAs
-    the jobs name (read_loras), merged into `sd` for the jobs that use them. In the "a1111" prompt
+    the jobs name (read_loras), merged into `sd` for the jobs that use them; `embeddings` the
+    textual-inversion words loaded into `sd` (word -> file), for the PNG's TI hashes. In the "a1111" prompt
     syntax, jobs are batched only with jobs of the same window count, so that no image is padded
     with empty windows for another's sake."""
     from sdjax.conditioning import prompt_chunks
     from sdjax.lora import a1111_hash
+    from sdjax.textual_inversion import file_hash
 
     loras = loras or {}
     hashes = {path: a1111_hash(path) for path in loras}  # for the PNG parameters, once per file
+    embeddings = embeddings or {}
+    ti_hashes = {word: file_hash(path) for word, path in embeddings.items()}
     index = next_index(out_dir)
     paths = []
     windows = lambda job: max(prompt_chunks(sd.model, text, prompt_syntax) for text in (job.prompt, job.negative_prompt))
@@ -479,6 +506,10 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
             if job.loras:  # A1111's: "alias: short hash", aliases without ":" or ","
                 settings["Lora hashes"] = ", ".join(
                     f"{loras[p].name.replace(':', '').replace(',', '')}: {hashes[p]}" for p, _ in job.loras)
+            used = used_embeddings(job, embeddings)
+            if used:  # A1111's key: "word: short hash" of each embedding the prompts use
+                settings["TI hashes"] = ", ".join(f"{word.replace(':', '').replace(',', '')}: {ti_hashes[word]}"
+                                                  for word in used)
             path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
             save_png(path, image, format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings))
             paths.append(path)

@@ -70,13 +70,24 @@ class Conditioning(NamedTuple):
 
 class TokenizerFn:
     """prompts -> {batch key: int32 ids (N, L)} for each of a model's tokenizers. A plain object so that
-    grain's worker processes can pickle it (it holds the tokenizers, not the model or its weights)."""
+    grain's worker processes can pickle it (it holds the tokenizers, not the model or its weights).
+    `words` are the model's multi-vector textual-inversion words, expanded to their tokens first."""
 
-    def __init__(self, tokenizers: Mapping[str, tuple[Any, int]]):
+    def __init__(self, tokenizers: Mapping[str, tuple[Any, int]], words: Mapping[str, tuple[str, ...]] = {}):
         self.tokenizers = dict(tokenizers)  # batch key -> (tokenizer, sequence length)
+        self.words = dict(words)
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        return {key: tokenize(tok, list(prompts), length) for key, (tok, length) in self.tokenizers.items()}
+        prompts = _expand(prompts, self.words)
+        return {key: tokenize(tok, prompts, length) for key, (tok, length) in self.tokenizers.items()}
+
+
+def _expand(prompts: Sequence[str], words: Mapping[str, tuple[str, ...]]) -> list[str]:
+    if not words:
+        return list(prompts)
+    from sdjax.textual_inversion import expand
+
+    return [expand(p, words) for p in prompts]
 
 
 def _id_lengths(model) -> dict[str, int]:
@@ -87,7 +98,8 @@ def _id_lengths(model) -> dict[str, int]:
 def tokenizer_fn(model) -> TokenizerFn:
     """The tokenizers of `model` (a sdjax.Model), each padding to its encoder's max_position_embeddings."""
     lengths = _id_lengths(model)
-    return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer], lengths[enc.ids]) for enc in model.text})
+    return TokenizerFn({enc.ids: (model.tokenizers[enc.tokenizer], lengths[enc.ids]) for enc in model.text},
+                       model.embeddings)
 
 
 PROMPT_SYNTAXES = ("plain", "a1111")
@@ -108,6 +120,7 @@ def tokenize_prompts(model, prompts: Sequence[str], syntax: str = "plain") -> di
     from sdjax import prompt_syntax
 
     out, lengths = {}, _id_lengths(model)
+    prompts = _expand(prompts, model.embeddings)
     for enc in model.text:
         out[enc.ids], out[enc.weights] = prompt_syntax.batch(model.tokenizers[enc.tokenizer], prompts,
                                                              lengths[enc.ids])
@@ -121,6 +134,7 @@ def prompt_chunks(model, prompt: str, syntax: str = "plain") -> int:
     from sdjax import prompt_syntax
 
     enc = model.text[0]
+    (prompt,) = _expand([prompt], model.embeddings)
     return prompt_syntax.chunk_count(model.tokenizers[enc.tokenizer], prompt, _id_lengths(model)[enc.ids])
 
 

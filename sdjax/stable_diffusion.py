@@ -29,7 +29,7 @@ from sdjax.convert.single_file import read_tensors, save_single_file, single_fil
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.tokenizer import load_tokenizer
 
-_MAPPINGS = ("networks", "tokenizers", "scheduler_config", "model_index")
+_MAPPINGS = ("networks", "tokenizers", "scheduler_config", "model_index", "embeddings")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +41,8 @@ class Model:
     tokenizers: Mapping[str, Any]
     scheduler_config: Mapping[str, Any]
     model_index: Mapping[str, Any]
+    # Textual-inversion words loaded (sdjax.textual_inversion): word -> the tokens it stands for.
+    embeddings: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in _MAPPINGS:  # read-only views of private copies
@@ -107,6 +109,21 @@ class StableDiffusion:
 
         return generate(self.model, self.params, prompts, negative_prompts, mesh=self.mesh, rules=self.rules,
                         **options)
+
+    def with_textual_inversion(self, embedding: Any, token: str | None = None, *, override: bool = False,
+                               allow_pickle: bool = False) -> "StableDiffusion":
+        """A new StableDiffusion whose prompts can use `token` (default: the name the file gives), standing
+        for the vectors of `embedding` (a file in diffusers', A1111's or SDXL's format, or a
+        sdjax.textual_inversion.Embedding). A token already in the vocabulary is refused unless `override`."""
+        from sdjax.textual_inversion import Embedding, add_embedding, read_embedding
+
+        if not isinstance(embedding, Embedding):
+            embedding = read_embedding(embedding, allow_pickle=allow_pickle)
+        model, params = add_embedding(self.model, self._base(), embedding, token, override)
+        grown = StableDiffusion(model, params)
+        if self.mesh is not None:
+            grown = grown.shard(self.mesh, self.rules)
+        return grown._with_loras(self.loras, self.loras_merged)
 
     def with_lora(self, lora: Any, scale: float = 1.0, *, merge: bool = True,
                   allow_pickle: bool = False) -> "StableDiffusion":

@@ -1,0 +1,212 @@
+"""Textual inversion embeddings: new words for the text encoders, read from the files users hold.
+
+An embedding is one or more vectors per text encoder that a new token stands for. Loading one adds the
+token to each tokenizer and its vectors as new rows of each text encoder's token-embedding table (as
+diffusers' load_textual_inversion does), so a prompt then uses the token like any word. An embedding of
+n > 1 vectors adds the tokens TOKEN, TOKEN_1, ..., TOKEN_{n-1}; prompts name TOKEN alone and are expanded
+before tokenizing (`expand`).
+
+Files read (safetensors by default; pickles only with allow_pickle, and they need PyTorch):
+    diffusers   learned_embeds.safetensors / .bin: {token: (D,) or (n, D)}
+    A1111       .safetensors {"emb_params": (n, D)}; .pt {"string_to_param": {"*": (n, D)}, "name": ...}
+    SDXL        {"clip_l": (n, 768), "clip_g": (n, 1280)} (A1111's and kohya's), for text_encoder / text_encoder_2
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.convert.safetensors_io import CheckpointError, read_safetensors
+
+# SDXL embedding keys -> the text encoder they belong to.
+SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+SINGLE_KEYS = ("emb_params", "*")  # single-tensor keys that are not a token's name (A1111's)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file's vectors: `vectors[encoder]` is (n, D); `encoder` None is the single text
+    encoder of an SD 1.x/2.x model. `name` is the token the file names (its key, its "name", or its stem)."""
+
+    path: str
+    name: str
+    vectors: Mapping[str | None, np.ndarray]
+
+    @property
+    def count(self) -> int:
+        """Vectors per text encoder (tokens the word stands for)."""
+        return len(next(iter(self.vectors.values())))
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _matrix(path: str, key: str, value: Any) -> np.ndarray:
+    array = np.asarray(value, np.float32)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or not array.size:
+        raise CheckpointError(f"{path}: {key!r} has shape {tuple(np.shape(value))}; an embedding is (D,) or (n, D)")
+    return array
+
+
+def _read_pickle(path: str) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading a pickled embedding needs PyTorch installed") from None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a textual-inversion embedding (a {type(data).__name__}, not a dict)")
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            return value.float().numpy()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(data)
+
+
+def read_embedding(path: str, *, allow_pickle: bool = False) -> Embedding:
+    """The vectors of a textual-inversion file in diffusers', A1111's or SDXL's format (module docstring)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: embedding file not found")
+    if path.endswith(".safetensors"):
+        data: dict[str, Any] = read_safetensors(path)
+    elif path.endswith((".pt", ".bin")):
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: pickled embeddings are not read by default because unpickling can run "
+                                  "code; pass allow_pickle=True if you trust this file")
+        data = _read_pickle(path)
+    else:
+        raise CheckpointError(f"{path}: not an embedding file sdjax reads (.safetensors, or .pt/.bin with "
+                              "allow_pickle)")
+    name = data.get("name") if isinstance(data.get("name"), str) else _stem(path)
+    params = data.get("string_to_param")
+    if isinstance(params, dict):  # A1111's .pt
+        if len(params) != 1:
+            raise CheckpointError(f"{path}: string_to_param holds {len(params)} tensors; expected one")
+        key, value = next(iter(params.items()))
+        return Embedding(path, name, {None: _matrix(path, f"string_to_param.{key}", value)})
+    tensors = {k: v for k, v in data.items() if isinstance(v, np.ndarray)}
+    sdxl = {k: v for k, v in tensors.items() if k in SDXL_KEYS}
+    if sdxl:
+        if len(sdxl) != len(tensors):
+            raise CheckpointError(f"{path}: keys {sorted(tensors)}: an SDXL embedding holds clip_l and clip_g only")
+        vectors = {SDXL_KEYS[k]: _matrix(path, k, v) for k, v in sdxl.items()}
+        counts = {len(v) for v in vectors.values()}
+        if len(counts) != 1:
+            raise CheckpointError(f"{path}: clip_l and clip_g hold different numbers of vectors "
+                                  f"({', '.join(f'{k} {len(v)}' for k, v in sdxl.items())})")
+        return Embedding(path, name, vectors)
+    if len(tensors) != 1:
+        raise CheckpointError(f"{path}: not a textual-inversion embedding: {len(tensors)} tensors "
+                              f"({', '.join(sorted(tensors)[:4])}{', ...' if len(tensors) > 4 else ''}); expected "
+                              "one (diffusers' {token: vectors}, A1111's emb_params) or SDXL's clip_l and clip_g")
+    key, value = next(iter(tensors.items()))
+    return Embedding(path, name if key in SINGLE_KEYS else key, {None: _matrix(path, key, value)})
+
+
+def file_hash(path: str) -> str:
+    """A1111's short hash of an embedding file, as its PNG parameters give it ("TI hashes"): the first 12
+    hex digits of the SHA-256 of the whole file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def tokens_of(token: str, count: int) -> tuple[str, ...]:
+    """The tokens an embedding of `count` vectors adds for `token`: TOKEN, TOKEN_1, ... (diffusers' names)."""
+    return (token,) + tuple(f"{token}_{i}" for i in range(1, count))
+
+
+def expand(prompt: str, words: Mapping[str, tuple[str, ...]]) -> str:
+    """`prompt` with each multi-vector word replaced by all of its tokens ("<cat>" -> "<cat> <cat>_1")."""
+    for word, tokens in words.items():
+        if len(tokens) > 1:
+            prompt = re.sub(re.escape(word) + r"(?!_\d)", " ".join(tokens), prompt)
+    return prompt
+
+
+def _vectors_for(embedding: Embedding, model) -> dict[str, np.ndarray]:
+    """Encoder name -> (n, D) of `embedding` on `model`'s text encoders; the sizes must match."""
+    encoders = [enc.encoder for enc in model.text]
+    path = embedding.path
+    if None in embedding.vectors:
+        if len(encoders) != 1:
+            raise CheckpointError(f"{path}: one set of vectors, but this model has {len(encoders)} text encoders "
+                                  f"({', '.join(encoders)}); an SDXL embedding holds clip_l and clip_g")
+        vectors = {encoders[0]: embedding.vectors[None]}
+    else:  # SDXL's: the base takes clip_l and clip_g, the refiner (text_encoder_2 alone) clip_g
+        missing = [enc for enc in encoders if enc not in embedding.vectors]
+        if missing or "text_encoder_2" not in encoders:
+            held = ", ".join(k for k, e in SDXL_KEYS.items() if e in embedding.vectors)
+            raise CheckpointError(f"{path}: an SDXL embedding ({held}) does not fit this model's text encoders "
+                                  f"({', '.join(encoders)})")
+        vectors = {enc: embedding.vectors[enc] for enc in encoders}
+    for encoder, matrix in vectors.items():
+        width = model.networks[encoder].config.hidden_size
+        if matrix.shape[1] != width:
+            raise CheckpointError(f"{path}: vectors of {matrix.shape[1]} values; {encoder} takes {width} "
+                                  "(an embedding for another model family)")
+    return vectors
+
+
+def add_embedding(model, params: Mapping[str, Any], embedding: Embedding, token: str | None = None,
+                  override: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(model, params) with `embedding`'s word added to every tokenizer and text encoder.
+
+    The token is `token`, else the name the file gives. A token the tokenizer already has (a word of its
+    vocabulary, or an embedding loaded before) is refused unless `override`, which then puts the new vectors
+    in that token's rows (an earlier embedding must have as many vectors).
+    """
+    token = embedding.name if token is None else token
+    if not token or re.search(r"\s", token):
+        raise ValueError(f"{embedding.path}: token {token!r} must be one word without spaces")
+    vectors = _vectors_for(embedding, model)
+    tokens = tokens_of(token, embedding.count)
+    previous = model.embeddings.get(token)
+    if previous is not None and len(previous) != len(tokens) and override:
+        raise ValueError(f"{embedding.path}: token {token!r} was loaded with {len(previous)} vectors; this embedding "
+                         f"has {len(tokens)}")
+    tokenizers, networks, params = dict(model.tokenizers), dict(model.networks), dict(params)
+    for enc in model.text:
+        tokenizer = copy.deepcopy(model.tokenizers[enc.tokenizer])
+        known = [t for t in tokens if t in tokenizer.get_vocab()]
+        if known and not override:
+            raise ValueError(f"{embedding.path}: token {known[0]!r} is already in {enc.tokenizer}'s vocabulary; "
+                             "choose another token, or override it")
+        tokenizer.add_tokens(list(tokens))
+        ids = np.asarray(tokenizer.convert_tokens_to_ids(list(tokens)))
+        module = model.networks[enc.encoder]
+        encoder_params = dict(params[enc.encoder])
+        embeddings = dict(encoder_params["embeddings"])
+        table = embeddings["token_embedding"]["embedding"]
+        rows = max(len(tokenizer), table.shape[0])
+        grown = jnp.zeros((rows, table.shape[1]), table.dtype).at[:table.shape[0]].set(table)
+        grown = grown.at[ids].set(jnp.asarray(vectors[enc.encoder], table.dtype))
+        embeddings["token_embedding"] = {"embedding": grown}
+        encoder_params["embeddings"] = embeddings
+        params[enc.encoder] = encoder_params
+        config = module.config
+        # transformers' legacy eos id 2 pools at the highest token id, which a new token would now be:
+        # pool at the tokenizer's real end token instead (the same position for every prompt without one).
+        eos = tokenizer.eos_token_id if config.eos_token_id == 2 else config.eos_token_id
+        networks[enc.encoder] = module.clone(config=dataclasses.replace(config, vocab_size=rows, eos_token_id=eos))
+        tokenizers[enc.tokenizer] = tokenizer
+    words = {**model.embeddings, token: tokens}
+    return model.replace(networks=networks, tokenizers=tokenizers, embeddings=words), params
