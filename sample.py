@@ -47,6 +47,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read pickled files (.ckpt/.bin/.pt) for --model, --lora and --embedding: unpickling "
                         "can run code, so only for files you trust")
+    p.add_argument("--save-steps", type=int, metavar="K",
+                   help="also write a preview every K denoising steps beside each image (<name>.step010.png, ...) "
+                        "and all of them with the image in one strip (<name>.steps.png): noise becoming an image")
+    p.add_argument("--preview", choices=["x0", "latents"], default="x0",
+                   help="what --save-steps shows: x0, the clean image predicted at that step (A1111's live preview), "
+                        "or latents, the noisy latents after it (default x0)")
+    p.add_argument("--preview-decoder", choices=["vae", "approx"], default="vae",
+                   help="decode previews with the VAE (exact), or approx: a linear latent-to-RGB map fitted to the "
+                        "VAE, one colour per latent pixel, nearly free (default vae)")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
                    help="plain: prompts as written, truncated to the text encoder's window (diffusers' behaviour); "
                         "a1111: AUTOMATIC1111's (word), (word:1.3), [word] weighting, \\( escapes, BREAK, and "
@@ -126,11 +135,14 @@ def main(argv: list[str]) -> int:
                 refined = refined.with_textual_inversion(embedding, word)
             refiner = job.Refiner(refined, args.refiner_switch, model_name(args.refiner))
             job.check_refiner(sd, refiner)
+        steps = None if args.save_steps is None else job.StepImages(args.save_steps, args.preview,
+                                                                     args.preview_decoder)
+        job.check_save_steps(jobs, steps, refiner is not None)
         loras = job.read_loras(sd, jobs, args.allow_pickle)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()
         job.run(sd, jobs, args.out, args.batch_size, model_name(model), refiner, loras, args.prompt_syntax,
-                {word: e.path for word, e in embeddings.items()})
+                {word: e.path for word, e in embeddings.items()}, steps)
     except (ValueError, sdjax.CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

@@ -446,12 +446,48 @@ def used_embeddings(job: Job, files: dict[str, str]) -> dict[str, str]:
     return {word: path for word, path in files.items() if word in job.prompt or word in job.negative_prompt}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepImages:
+    """sample.py --save-steps: a preview every `every` steps, beside each image and in a strip with it."""
+
+    every: int
+    kind: str = "x0"
+    decoder: str = "vae"
+
+
+def check_save_steps(jobs: list[Job], steps: StepImages | None, refiner: bool) -> None:
+    """--save-steps fits every job: at least 1, at most the denoising steps the job runs."""
+    if steps is None:
+        return
+    if refiner:
+        raise ValueError("--save-steps: not with --refiner (the base and the refiner run separate loops)")
+    for job in jobs:
+        runs = job.steps if job.init_image is None else int(job.steps * (job.strength or (1.0 if job.mask else 0.8)))
+        if not 1 <= steps.every <= runs:
+            raise ValueError(f"--save-steps must be in [1, {runs}] (the steps{'' if job.init_image is None else ' its strength leaves'}), "
+                             f"got {steps.every}")
+
+
+def save_steps(path: str, image: np.ndarray, previews: np.ndarray, every: int, parameters: str) -> list[str]:
+    """Writes each preview beside the image at `path` as <name>.stepNNN.png and all of them with the image in
+    one strip, <name>.steps.png; returns the paths."""
+    stem = path.removesuffix(".png")
+    paths = []
+    for k, preview in enumerate(previews, 1):
+        paths.append(f"{stem}.step{k * every:03d}.png")
+        save_png(paths[-1], preview, parameters)
+    paths.append(f"{stem}.steps.png")
+    save_png(paths[-1], np.concatenate(list(previews) + [image], axis=1), parameters)
+    return paths
+
+
 def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
         refiner: Refiner | None = None, loras: dict[str, Any] | None = None, prompt_syntax: str = "plain",
-        embeddings: dict[str, str] | None = None) -> list[str]:
+        embeddings: dict[str, str] | None = None, steps: StepImages | None = None) -> list[str]:
     """Generates every job, writing <n>-<seed>.png files; returns their paths. `loras` holds the LoRAs
     the jobs name (read_loras), merged into `sd` for the jobs that use them; `embeddings` the
-    textual-inversion words loaded into `sd` (word -> file), for the PNG's TI hashes. In the "a1111" prompt
+    textual-inversion words loaded into `sd` (word -> file), for the PNG's TI hashes; `steps` adds the
+    step-by-step previews beside each image (save_steps). In the "a1111" prompt
     syntax, jobs are batched only with jobs of the same window count, so that no image is padded
     with empty windows for another's sake."""
     from sdjax.conditioning import prompt_chunks
@@ -485,7 +521,12 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                       scheduler_options={"use_karras_sigmas": True} if first.karras else None,
                       height=first.height, width=first.width, seed=[j.seed for j in group],
                       prompt_syntax=prompt_syntax)
-        if refiner is None:
+        previews = None
+        if refiner is None and steps is not None:
+            images, previews = with_loras.generate(prompts, negatives, init_image=init, mask=masks,
+                                                   strength=first.strength, preview_every=steps.every,
+                                                   preview=steps.kind, preview_decoder=steps.decoder, **common)
+        elif refiner is None:
             images = with_loras.generate(prompts, negatives, init_image=init, mask=masks, strength=first.strength,
                                          **common)
         else:
@@ -493,7 +534,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                                           **common)
             images = refiner.sd.generate(prompts, negatives, init_latents=latents, denoising_start=refiner.switch,
                                          **common)
-        for job, image in zip(group, images):
+        for k, (job, image) in enumerate(zip(group, images)):
             settings = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.scheduler]}
             if job.karras:  # A1111's key and value for it
                 settings["Schedule type"] = "Karras"
@@ -511,8 +552,11 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                 settings["TI hashes"] = ", ".join(f"{word.replace(':', '').replace(',', '')}: {ti_hashes[word]}"
                                                   for word in used)
             path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
-            save_png(path, image, format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings))
+            parameters = format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings)
+            save_png(path, image, parameters)
             paths.append(path)
+            if previews is not None:
+                paths += save_steps(path, image, previews[k], steps.every, parameters)
             index += 1
     elapsed = time.perf_counter() - start
     print(f"wrote {len(paths)} images to {out_dir} in {elapsed:.1f} s ({len(paths) / elapsed:.2f} images/s, "

@@ -24,6 +24,7 @@ import numpy as np
 from sdjax.conditioning import (PROMPT_SYNTAXES, MicroConditioning, encode_text, takes_added_conditions, time_ids,
                                 tokenize_prompts, unet_call, uses_aesthetic_score, zeroes_empty_prompts)
 from sdjax.lora import resolve
+from sdjax.previews import Preview, approx_rgb, check_preview, fit_approx_decoder, preview_positions, tracer
 from sdjax.schedulers import Scheduler, denoise, make_scheduler, per_image_normal
 from sdjax.seeds import SEED_LIMIT, check_seed, seed_key
 
@@ -98,6 +99,7 @@ class Plan:
     add_noise: bool = True      # img2img noises its init latents to the start step (not at a hand-off)
     zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: zero unconditional embeddings
     output: str = "images"       # "images", or "latents" (scaled, undecoded: a hand-off to a refiner)
+    preview: Preview | None = None  # step-by-step previews emitted by the scan (sdjax.previews)
 
 
 def noise_coefficients(sched: Scheduler) -> tuple[np.ndarray, np.ndarray]:
@@ -183,13 +185,25 @@ def build_program(model, plan: Plan, sched: Scheduler) -> Callable:
 
                 post_step = blend
 
-        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step, plan.end)
-        if plan.output == "latents":
-            return jnp.where(jnp.isfinite(latents), latents, jnp.nan)
-        images = (vae_apply(params, latents / scale, "decode").astype(jnp.float32) + 1) / 2
-        # Non-finite values become NaN, which clipping keeps (it would turn +inf into a white pixel), so
-        # the host can refuse the image instead of writing it.
-        return jnp.clip(jnp.where(jnp.isfinite(images), images, jnp.nan), 0, 1)
+        def decode(latents):
+            images = (vae_apply(params, latents / scale, "decode").astype(jnp.float32) + 1) / 2
+            # Non-finite values become NaN, which clipping keeps (it would turn +inf into a white pixel), so
+            # the host can refuse the image instead of writing it.
+            return jnp.clip(jnp.where(jnp.isfinite(images), images, jnp.nan), 0, 1)
+
+        trace = None if plan.preview is None else tracer(sched, plan.preview.kind, noise_coefficients(sched))
+        latents = denoise(sched, model_fn, latents, stream(keys, "steps"), plan.start, post_step, plan.end, trace)
+        if trace is not None:
+            latents, traced = latents
+        out = jnp.where(jnp.isfinite(latents), latents, jnp.nan) if plan.output == "latents" else decode(latents)
+        if trace is None:
+            return out
+        picked = traced[preview_positions(plan.preview.every, traced.shape[0])]  # (P, N, h, w, C)
+        if plan.preview.decoder == "vae":
+            previews = jax.lax.map(decode, picked)  # one batch decoded at a time
+        else:
+            previews = approx_rgb(picked, inputs["approx"], vae.config.downscale)
+        return out, jnp.swapaxes(previews, 0, 1)  # (N, P, H, W, 3)
 
     return jax.jit(program)
 
@@ -223,8 +237,9 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
              init_image: np.ndarray | None = None, strength: float | None = None, mask: np.ndarray | None = None,
              init_latents: np.ndarray | None = None, denoising_start: float | None = None,
              denoising_end: float | None = None, output: str = "images", micro: MicroConditioning | None = None,
-             negative_micro: MicroConditioning | None = None, prompt_syntax: str = "plain", mesh: Any = None,
-             rules: Any = None) -> np.ndarray:
+             negative_micro: MicroConditioning | None = None, prompt_syntax: str = "plain",
+             preview_every: int | None = None, preview: str = "x0", preview_decoder: str = "vae", mesh: Any = None,
+             rules: Any = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W, 3) float32 in [0, 1], one per prompt, from `model` (a sdjax.Model) with `params`.
     Raises ValueError for bad arguments (before any compute) and SamplingError if an image comes out
     non-finite.
@@ -259,6 +274,11 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
         weighting, BREAK and prompts longer than one window (sdjax.prompt_syntax). In "a1111" every
         prompt and negative of the call is padded with empty windows to the largest window count among
         them, so an image depends on the others' lengths only through that count.
+      preview_every: K returns (images, previews) with previews (N, P, H, W, 3) in [0, 1]: one image every K
+        steps of the loop (after steps K, 2K, ...; a second-order scheduler counts each model call), from
+        the same scan (sdjax.previews). preview: "x0" (the predicted clean image, A1111's live preview)
+        or "latents" (the noisy latents after the step, diffusers' callback_on_step_end);
+        preview_decoder: "vae" (exact) or "approx" (a fitted linear latent -> RGB map, nearly free).
       mesh / rules: run with the image batch split over the mesh's batch axes (its size must divide
         the batch), `params` placed on it as StableDiffusion.shard places them.
     """
@@ -335,6 +355,10 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
     if start >= (len(sched.timesteps) if end is None else end):
         raise ValueError(f"denoising_start {denoising_start} / denoising_end {denoising_end} with {num_steps} steps "
                          "leave no denoising step")
+    previewed = None
+    if preview_every is not None:
+        previewed = Preview(preview_every, preview, preview_decoder)
+        check_preview(previewed, (len(sched.timesteps) if end is None else end) - start)
     if latents is None:
         latents = initial_noise(seeds, latent_shape)
     elif np.shape(latents) != (n,) + latent_shape:
@@ -347,10 +371,12 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
               "noise": np.asarray(latents, np.float32), "init_images": init_image, "masks": mask,
               "init_latents": init_latents}
     inputs.update(_time_ids(model, n, height, width, micro, negative_micro))
+    if previewed is not None and previewed.decoder == "approx":
+        inputs["approx"] = fit_approx_decoder(model, params)
     inputs = {k: v for k, v in inputs.items() if v is not None}
     plan = Plan(scheduler or "", num_steps, tuple(sorted((scheduler_options or {}).items())), n,
                 latent_shape[:2], guidance_scale > 1, float(guidance_rescale), start, mode, end,
-                add_noise=denoising_start is None, zero_negative=zero_negative, output=output)
+                add_noise=denoising_start is None, zero_negative=zero_negative, output=output, preview=previewed)
     if mesh is not None and rules is None:
         from sdjax.parallel import DEFAULT_RULES
 
@@ -360,15 +386,21 @@ def generate(model, params: Mapping[str, Any], prompts: Sequence[str], negative_
     from sdjax.parallel import activate, batch_divisor, batch_sharding, to_host
 
     if mesh is None:
-        return _finite(to_host(program(params, jnp.float32(guidance_scale), inputs)), seeds)
-
-    ways = batch_divisor(mesh, rules)
-    if n % ways:
-        raise ValueError(f"{n} images cannot be split evenly over the {ways} ways the mesh splits the batch")
-    inputs = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)), inputs)
-    with activate(mesh, rules):
-        images = program(params, jnp.float32(guidance_scale), inputs)
-    return _finite(to_host(images), seeds)
+        result = program(params, jnp.float32(guidance_scale), inputs)
+    else:
+        ways = batch_divisor(mesh, rules)
+        if n % ways:
+            raise ValueError(f"{n} images cannot be split evenly over the {ways} ways the mesh splits the batch")
+        approx = inputs.pop("approx", None)  # the preview map is shared, not per image
+        inputs = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, rules, x.ndim)), inputs)
+        if approx is not None:
+            inputs["approx"] = approx
+        with activate(mesh, rules):
+            result = program(params, jnp.float32(guidance_scale), inputs)
+    if previewed is None:
+        return _finite(to_host(result), seeds)
+    images, previews = result
+    return _finite(to_host(images), seeds), to_host(previews)
 
 
 def _cutoff(total: int, fraction: float) -> int:

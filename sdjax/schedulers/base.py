@@ -334,20 +334,24 @@ def per_image_normal(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32)
 
 def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array,
             keys: jax.Array | None = None, start: int = 0,
-            post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None, end: int | None = None) -> jax.Array:
+            post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None, end: int | None = None,
+            trace: Callable[..., jax.Array] | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Runs the scheduler from loop index `start` to `end` (default: the last step) as one lax.scan.
 
     model_fn(model_input, timestep) -> model output. `keys` (one per image) feed stochastic steps:
     step i draws per_image_normal(fold_in(key, i)). post_step(x, i) -> x, if given, edits the
     sample after each step (inpainting's blending); the scheduler state keeps its own copy, as
-    diffusers' schedulers do.
+    diffusers' schedulers do. trace(model_input, model_output, new_sample, i) -> an array, if given,
+    is what the scan emits at every step: the result is then (latents, the emitted arrays stacked on a
+    leading step axis).
     """
     state = scheduler.init(latents)
     timesteps = jnp.asarray(scheduler.timesteps)
 
     def body(carry, i):
         state, x = carry
-        output = model_fn(scheduler.scale_model_input(state, x, i), timesteps[i])
+        model_input = scheduler.scale_model_input(state, x, i)
+        output = model_fn(model_input, timesteps[i])
         noise = None
         if scheduler.needs_noise:
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
@@ -355,8 +359,8 @@ def denoise(scheduler: Scheduler, model_fn: Callable[[jax.Array, jax.Array], jax
         state, x = scheduler.step(state, output, i, x, noise)
         if post_step is not None:
             x = post_step(x, i)
-        return (state, x), None
+        return (state, x), (None if trace is None else trace(model_input, output, x, i))
 
     indices = jnp.arange(start, len(scheduler.timesteps) if end is None else end)
-    (_, latents), _ = jax.lax.scan(body, (state, latents), indices)
-    return latents
+    (_, latents), traced = jax.lax.scan(body, (state, latents), indices)
+    return latents if trace is None else (latents, traced)

@@ -10,6 +10,7 @@ from sdjax.schedulers.base import ScheduleConfig, add_noise_vp, alphas_cumprod, 
 
 class DDIM:
     DEFAULTS = {"clip_sample": True}  # diffusers' DDIMScheduler defaults that differ from ScheduleConfig's
+    CLIPS_X0 = True  # its predicted x0 is clipped where cfg.clip_sample (sdjax.previews shows it so)
     order = 1
     init_noise_sigma = 1.0
 

@@ -15,6 +15,7 @@ class DDPM:
     """x_{t-1} ~ q(x_{t-1} | x_t, x0_hat): the posterior mean plus fixed-variance noise, one model call a step."""
 
     DEFAULTS = {"clip_sample": True}  # diffusers' DDPMScheduler defaults that differ from ScheduleConfig's
+    CLIPS_X0 = True  # its predicted x0 is clipped where cfg.clip_sample (sdjax.previews shows it so)
     order = 1
     init_noise_sigma = 1.0
     needs_noise = True

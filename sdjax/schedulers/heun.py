@@ -23,6 +23,7 @@ class Heun(SigmaSpaceMixin):
     DEFAULTS = {"timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012}
     order = 2
     needs_noise = False
+    CLIPS_X0 = True  # its predicted x0 is clipped where cfg.clip_sample (sdjax.previews shows it so)
 
     def __init__(self, cfg: ScheduleConfig, num_steps: int):
         # HeunDiscreteScheduler has no zero-SNR rescaling; like diffusers' from_config, ignore the key.
