@@ -559,6 +559,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
                 paths += save_steps(path, image, previews[k], steps.every, parameters)
             index += 1
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(paths)} images to {out_dir} in {elapsed:.1f} s ({len(paths) / elapsed:.2f} images/s, "
+    extra = f" (and {len(paths) - len(jobs)} step previews)" if len(paths) > len(jobs) else ""
+    print(f"wrote {len(jobs)} images{extra} to {out_dir} in {elapsed:.1f} s ({len(jobs) / elapsed:.2f} images/s, "
           f"including compilation)")
     return paths
