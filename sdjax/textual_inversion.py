@@ -210,3 +210,78 @@ def add_embedding(model, params: Mapping[str, Any], embedding: Embedding, token:
         tokenizers[enc.tokenizer] = tokenizer
     words = {**model.embeddings, token: tokens}
     return model.replace(networks=networks, tokenizers=tokenizers, embeddings=words), params
+
+
+# --- Training (config.textual_inversion of task "unet") --------------------------------------------------
+
+TRAINED = "textual_inversion"  # the trained network's name: the new rows (sdjax.models.token_rows)
+
+
+def initial_rows(model, params: Mapping[str, Any], initializer: str, vectors: int) -> dict[str, np.ndarray]:
+    """Per text encoder (vectors, width) rows that all start as the mean embedding of `initializer`'s tokens."""
+    rows = {}
+    for enc in model.text:
+        ids = model.tokenizers[enc.tokenizer]([initializer], add_special_tokens=False)["input_ids"][0]
+        if not ids:
+            raise ValueError(f"textual_inversion.initializer {initializer!r} has no tokens")
+        table = np.asarray(params[enc.encoder]["embeddings"]["token_embedding"]["embedding"], np.float32)
+        rows[enc.encoder] = np.repeat(table[ids].mean(axis=0, keepdims=True), vectors, axis=0)
+    return rows
+
+
+def placeholder(model, params: Mapping[str, Any], token: str, initializer: str,
+                vectors: int) -> tuple[Any, dict[str, Any], dict[str, np.ndarray]]:
+    """(model, params, rows): `model` with `token` added (`vectors` of them, started from `initializer`), and
+    the rows the training starts from."""
+    rows = initial_rows(model, params, initializer, vectors)
+    start = Embedding("config.textual_inversion", token, {enc: rows[enc] for enc in rows} if len(rows) > 1
+                      else {None: next(iter(rows.values()))})
+    model, params = add_embedding(model, params, start, token)
+    return model, params, rows
+
+
+def row_ids(model, token: str) -> dict[str, np.ndarray]:
+    """Text encoder -> the ids of `token`'s rows in its table (model.embeddings must hold the token)."""
+    return {enc.encoder: np.asarray(model.tokenizers[enc.tokenizer].convert_tokens_to_ids(list(model.embeddings[token])))
+            for enc in model.text}
+
+
+def with_rows(params: Mapping[str, Any], ids: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A training run's parameters ({..., TRAINED: {encoder: rows}}) as the networks run with them: each
+    text encoder's table with the trained rows in place of the token's."""
+    out = {k: v for k, v in params.items() if k != TRAINED}
+    for encoder, rows in params[TRAINED].items():
+        encoder_params = out[encoder]
+        table = encoder_params["embeddings"]["token_embedding"]["embedding"]
+        table = table.at[ids[encoder]].set(rows.astype(table.dtype))
+        out[encoder] = {**encoder_params, "embeddings": {**encoder_params["embeddings"],
+                                                         "token_embedding": {"embedding": table}}}
+    return out
+
+
+def file_name(token: str) -> str:
+    """The A1111 embedding file's name for `token`: A1111 names an embedding by its file, so the token,
+    without the characters file systems refuse (<tri> -> tri.safetensors)."""
+    stem = re.sub(r'[<>:"/\\|?*\s]', "", token) or "embedding"
+    return stem + ".safetensors"
+
+
+def save_embedding(folder: str, model, rows: Mapping[str, Any], token: str) -> list[str]:
+    """Writes the trained rows as diffusers' learned_embeds.safetensors ({token: (n, D)}; SDXL's second
+    encoder in learned_embeds_2.safetensors, as diffusers' SDXL script writes it) and as an A1111 embedding
+    (emb_params, or SDXL's clip_l / clip_g). Returns the file names."""
+    from sdjax.convert.safetensors_io import write_safetensors
+
+    host = {encoder: np.asarray(value, np.float32) for encoder, value in rows.items()}
+    names = []
+    for enc in model.text:
+        name = "learned_embeds" + enc.encoder.removeprefix("text_encoder") + ".safetensors"
+        write_safetensors(os.path.join(folder, name), {token: host[enc.encoder]})
+        names.append(name)
+    if "text_encoder_2" in host:
+        a1111 = {key: host[encoder] for key, encoder in SDXL_KEYS.items() if encoder in host}
+    else:
+        a1111 = {"emb_params": next(iter(host.values()))}
+    names.append(file_name(token))
+    write_safetensors(os.path.join(folder, names[-1]), a1111)
+    return names

@@ -44,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.unet_targets = ""        # regex searched in the UNet's module paths; "" = sdjax.lora.UNET_TARGETS
     c.lora.text_encoder = False     # also LoRAs on the text encoder(s)
     c.lora.text_targets = ""        # regex for the text encoders' module paths; "" = sdjax.lora.TEXT_TARGETS
+    c.textual_inversion = ml_collections.ConfigDict()  # task "unet": learn a new word, every network frozen
+    c.textual_inversion.token = ""        # the new word, e.g. "<my-cat>"; "" = off
+    c.textual_inversion.initializer = ""  # a word whose embedding its vectors start from (required with token)
+    c.textual_inversion.vectors = 1       # embedding vectors (tokens) the word stands for
+    c.textual_inversion.template = ""     # e.g. "a photo of {}": every caption becomes this with the token
+    c.textual_inversion.replace = ""      # else: this word in the data's captions becomes the token
     c.model.attention_impl = "auto"
 
     c.data = default_data_config()

@@ -288,7 +288,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if config.export.at_end and not os.path.exists(export_dir):
             export(task, state, export_dir, checkpoints)
             if lead:
-                print(f"exported the EMA weights to {export_dir}")
+                weights = "EMA weights" if config.optimizer.ema_decay else "trained weights (no EMA)"
+                print(f"exported the {weights} to {export_dir}")
     finally:
         progress.close()
         writer.close()

@@ -126,3 +126,45 @@ def lora_sweep(add) -> None:
     """The learning rates and ranks worth trying for a LoRA."""
     for lr in (5e-5, 1e-4, 2e-4):
         add(**{"optimizer.learning_rate": lr})
+
+
+def textual_inversion_config(tiny: bool = False) -> ml_collections.ConfigDict:
+    """Textual inversion on a checkpoint (model.pretrained) from a folder of images of one concept, captioned
+    by textual_inversion.template: one new word, every network frozen, only its embedding rows trained
+    (lr 5e-3, no weight decay, no EMA), exported as diffusers' learned_embeds.safetensors and an A1111
+    embedding. `tiny`: the shipped shapes model learns "<tri>" for triangles (initialised from "shape"),
+    on the shapes data with "triangle" in the captions replaced by the token."""
+    c = finetune_config(tiny=False)
+    c.textual_inversion.token = "<concept>"
+    c.textual_inversion.initializer = "object"
+    c.textual_inversion.template = "a photo of {}"
+    c.total_steps = 3000
+    c.batch_size = 8
+    c.data.caption_dropout = 0.0
+    c.loss.min_snr_gamma = 0.0
+    c.optimizer.learning_rate = 5e-3
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.ema_decay = 0.0
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep_every = 0
+    c.log.preview_every_steps = 500
+    c.log.preview_prompts = ("a photo of <concept>", "a watercolor painting of <concept>")
+    if tiny:
+        from sdjax import DEFAULT_MODEL
+
+        shrink_for_cpu(c)
+        c.model.pretrained = DEFAULT_MODEL
+        c.textual_inversion.token = "<tri>"
+        c.textual_inversion.initializer = "shape"
+        c.textual_inversion.template = ""
+        c.textual_inversion.replace = "triangle"
+        c.data.resolution = 64
+        c.data.shapes.num_examples = 2000
+        c.total_steps = 300
+        c.batch_size = 16
+        c.optimizer.learning_rate = 2e-2
+        c.checkpoint.every_steps = 100
+        c.log.every_steps = 25
+        c.log.preview_prompts = ("a large red <tri> on a white background",)
+    return c

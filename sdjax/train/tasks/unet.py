@@ -23,9 +23,12 @@ from sdjax.data.latent_cache import check_cacheable, ensure_latent_cache
 from sdjax.lora import TEXT_TARGETS, TRAINED, UNET_TARGETS, save_kohya, train_targets, with_trained
 from sdjax.models.attention import resolved_impl
 from sdjax.models.lora_factors import LoRAFactors
+from sdjax.models.token_rows import TokenRows
 from sdjax.parallel import sync_processes, to_host
 from sdjax.pipeline import generate
 from sdjax.stable_diffusion import Model, save
+from sdjax.textual_inversion import TRAINED as TI_TRAINED
+from sdjax.textual_inversion import placeholder, row_ids, save_embedding, with_rows
 from sdjax.train.build import build_model
 from sdjax.train.checkpoint import fingerprint
 from sdjax.train.objectives import Objective, diffusion_objective
@@ -48,6 +51,26 @@ def check(config: ml_collections.ConfigDict) -> None:
             re.compile(lora[key])
         except re.error as e:
             raise ValueError(f"lora.{key}: not a regular expression ({e})") from None
+    ti = config.textual_inversion
+    if ti.token:
+        if lora.rank or config.model.train_text_encoder:
+            raise ValueError("textual_inversion.token: a textual-inversion run trains the new word alone; unset "
+                             "lora.rank and model.train_text_encoder")
+        if not config.model.pretrained:
+            raise ValueError("textual_inversion.token: a new word is taught to a pretrained model; set "
+                             "model.pretrained")
+        if not ti.initializer:
+            raise ValueError("textual_inversion.initializer: required with textual_inversion.token (a word whose "
+                             "embedding the new one starts from)")
+        if ti.vectors < 1:
+            raise ValueError(f"textual_inversion.vectors must be >= 1, got {ti.vectors}")
+        if ti.template and ti.template.count("{}") != 1:
+            raise ValueError(f"textual_inversion.template {ti.template!r}: needs one {{}} where the token goes")
+        if ti.template and ti.replace:
+            raise ValueError("textual_inversion.template and textual_inversion.replace: give one (the template "
+                             "replaces whole captions)")
+    elif ti.initializer or ti.template or ti.replace:
+        raise ValueError("textual_inversion.*: set textual_inversion.token to train a new word")
 
 
 def trained(config: ml_collections.ConfigDict, model: Model) -> tuple[str, ...]:
@@ -83,6 +106,15 @@ def training(config: ml_collections.ConfigDict,
     or with config.lora.rank a LoRA (every network frozen, the factors applied at alpha / rank).
     train.py and plan.py both build the step from this."""
     objective = diffusion_objective(model, config)
+    token = config.textual_inversion.token
+    if token:
+        if token not in model.embeddings:
+            raise ValueError(f"textual_inversion.token {token!r}: the model has no such word yet (sdjax.train "
+                             "adds it with textual_inversion.placeholder; plan.py does not plan these runs)")
+        ids = row_ids(model, token)
+        rows = TokenRows(tuple((enc, len(i), model.networks[enc].config.hidden_size) for enc, i in ids.items()))
+        loss = lambda nets, batch, rand: objective.loss(with_rows(nets, ids), batch, rand)
+        return {**model.networks, TI_TRAINED: rows}, (TI_TRAINED,), objective._replace(loss=loss)
     if not config.lora.rank:
         return dict(model.networks), trained(config, model), objective
     multiplier = lora_multiplier(config)
@@ -96,6 +128,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Task:
     check_model(model)
     if config.lora.rank:
         return _lora_task(config, model, start.params, workdir)
+    if config.textual_inversion.token:
+        return _textual_inversion_task(config, model, start.params, workdir)
 
     def export(all_params: dict, folder: str) -> None:
         save(model, all_params, folder)
@@ -182,4 +216,46 @@ def _lora_task(config: ml_collections.ConfigDict, model: Model, params: dict[str
     return Task(networks=networks, params=dict(params), trained=names,
                 objective=objective, tokenize=tokenizer_fn(model), identity=json.loads(json.dumps(identity)),
                 export=export, preview=_preview(config, model, lambda p: with_trained(p, multiplier)),
+                prepare_data=_prepare_data(config, model, workdir))
+
+
+class CaptionRewrite:
+    """Captions -> token ids with a textual-inversion run's captions: each one `template` with the token, or
+    `replace` swapped for the token; empty (dropped) captions stay empty. A class so grain workers can pickle it."""
+
+    def __init__(self, tokenize, token: str, template: str, replace: str):
+        self.tokenize, self.token, self.template, self.replace = tokenize, token, template, replace
+
+    def rewrite(self, caption: str) -> str:
+        if not caption:
+            return caption
+        if self.template:
+            return self.template.format(self.token)
+        if self.replace:
+            return re.sub(rf"\b{re.escape(self.replace)}\b", self.token, caption)
+        return caption
+
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        return self.tokenize([self.rewrite(c) for c in captions])
+
+
+def _textual_inversion_task(config: ml_collections.ConfigDict, model: Model, params: dict[str, Any],
+                            workdir: str) -> Task:
+    """Textual inversion: the new word added to the tokenizers and tables (its rows started from the
+    initializer word), every network frozen, only the rows trained (and held by the optimizer); previews
+    and the export see the rows in place. Export: learned_embeds.safetensors and an A1111 embedding."""
+    ti = config.textual_inversion
+    model, params, rows = placeholder(model, params, ti.token, ti.initializer, ti.vectors)
+    networks, names, objective = training(config, model)
+    ids = row_ids(model, ti.token)
+
+    def export(all_params: dict, folder: str) -> None:
+        with staged_folder(folder) as staging:
+            save_embedding(staging, model, all_params[TI_TRAINED], ti.token)
+
+    identity = {**fingerprint(model, names), "textual_inversion": config.textual_inversion.to_dict()}
+    return Task(networks=networks, params={**params, TI_TRAINED: rows}, trained=names, objective=objective,
+                tokenize=CaptionRewrite(tokenizer_fn(model), ti.token, ti.template, ti.replace),
+                identity=json.loads(json.dumps(identity)), export=export,
+                preview=_preview(config, model, lambda p: with_rows(p, ids)),
                 prepare_data=_prepare_data(config, model, workdir))
