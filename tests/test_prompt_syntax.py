@@ -204,3 +204,16 @@ def test_sample_cli_a1111_syntax(tmp_path, capsys):
     names = sorted(os.listdir(out))
     assert len(names) == 2
     assert parse_parameters(read_parameters(out / names[0]))[0] == long  # as written
+
+
+def test_new_weighted_prompts_of_the_same_window_count_reuse_the_program(shipped):
+    from sdjax.pipeline import _PROGRAMS
+
+    sd = sdjax.StableDiffusion(shipped.model.replace(), shipped.params)  # a Model of its own: an empty cache
+    kw = dict(num_steps=2, seed=0, prompt_syntax="a1111")
+    sd.generate(["a (large:1.2) red triangle"], **kw)
+    ((_, program),) = _PROGRAMS[sd.model].items()
+    sd.generate(["a [small] (blue:0.8) circle on a (white:1.4) background"], ["(blurry)"], **kw)
+    assert program._cache_size() == 1  # new words and weights: inputs of the same program
+    sd.generate(["a large red triangle on a white background, " * 3], **kw)
+    assert program._cache_size() == 2  # more windows: a new shape
