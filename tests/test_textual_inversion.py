@@ -158,3 +158,28 @@ def test_sample_cli_embedding(tmp_path, capsys):
     assert_one_line_exit_2(sample.main, ["--embedding", str(tmp_path / "missing.safetensors"), "--prompt", "a",
                                          "--out", str(bad)], "missing.safetensors: file not found", capsys)
     assert not bad.exists()
+
+
+def test_sdxl_textual_inversion_training_exports_both_encoders(sdxl_checkpoints, tmp_path):
+    """configs/textual_inversion.py:tiny on a tiny SDXL base: one row per text encoder trained; the exports
+    (diffusers' two files, A1111's clip_l/clip_g) load back into the model."""
+    from cli_checks import train_tiny
+    from sdjax.convert.safetensors_io import read_safetensors
+
+    folder = sdxl_checkpoints["base"][0]
+    workdir = tmp_path / "run"
+    result = train_tiny("textual_inversion.py", workdir, folder, str(tmp_path / "data"), "--config.total_steps=4",
+                        "--config.batch_size=2", "--config.data.resolution=32", "--config.data.shapes.num_examples=16",
+                        "--config.checkpoint.every_steps=4", "--config.log.every_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = workdir / "export"
+    first, second = read_safetensors(str(export / "learned_embeds.safetensors")), \
+        read_safetensors(str(export / "learned_embeds_2.safetensors"))
+    assert first["<tri>"].shape == (1, 32) and second["<tri>"].shape == (1, 40)
+    a1111 = read_safetensors(str(export / "tri.safetensors"))
+    np.testing.assert_array_equal(a1111["clip_l"], first["<tri>"])
+    np.testing.assert_array_equal(a1111["clip_g"], second["<tri>"])
+    sd = sdjax.load(folder).with_textual_inversion(str(export / "tri.safetensors"), "<tri>")
+    table = sd.params["text_encoder_2"]["embeddings"]["token_embedding"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(table[-1]), second["<tri>"][0])
+    assert np.isfinite(sd.generate(["a <tri>"], num_steps=2, height=32, width=32)).all()
