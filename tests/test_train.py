@@ -271,7 +271,10 @@ def test_every_config_and_its_tiny_variant_is_valid(name):
     full, tiny = module.get_config(), module.get_config("tiny")
     check_keys_and_numbers(full)
     check_keys_and_numbers(tiny)
-    assert tiny.total_steps <= 60 and tiny.batch_size <= 4 and tiny.data.resolution <= 32
+    if name == "textual_inversion.py":  # a real lesson on the shipped 64 px model (~1.5 min), not a smoke run
+        assert tiny.total_steps <= 300 and tiny.batch_size <= 16 and tiny.data.resolution <= 64
+    else:
+        assert tiny.total_steps <= 60 and tiny.batch_size <= 4 and tiny.data.resolution <= 32
     for point in sweep_points(module):
         check_keys_and_numbers(apply_overrides(full, point))
     for base in (full, tiny):  # a staged file: every stage's config is valid too
