@@ -116,7 +116,11 @@ def main(argv: list[str]) -> int:
         for text in args.embedding:
             path, token = job.parse_embedding(text)
             embedding = read_embedding(path, allow_pickle=args.allow_pickle)
-            embeddings[token or embedding.name] = embedding
+            word = token or embedding.name
+            if word in embeddings:
+                raise ValueError(f"--embedding {path}: word {word!r} is also {embeddings[word].path}'s; give each "
+                                 "its own as FILE:TOKEN")
+            embeddings[word] = embedding
         sd = sdjax.load(model, dtype=getattr(jnp, args.dtype), config=args.model_config, ema=args.ema,
                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
         for word, embedding in embeddings.items():
@@ -135,9 +139,11 @@ def main(argv: list[str]) -> int:
                 refined = refined.with_textual_inversion(embedding, word)
             refiner = job.Refiner(refined, args.refiner_switch, model_name(args.refiner))
             job.check_refiner(sd, refiner)
+        if args.save_steps is None and (args.preview != "x0" or args.preview_decoder != "vae"):
+            raise ValueError("--preview / --preview-decoder: only with --save-steps")
         steps = None if args.save_steps is None else job.StepImages(args.save_steps, args.preview,
                                                                      args.preview_decoder)
-        job.check_save_steps(jobs, steps, refiner is not None)
+        job.check_save_steps(jobs, steps, refiner is not None, dict(sd.model.scheduler_config))
         loras = job.read_loras(sd, jobs, args.allow_pickle)
         job.prepare_out_dir(args.out)
         enable_compilation_cache()

@@ -455,17 +455,24 @@ class StepImages:
     decoder: str = "vae"
 
 
-def check_save_steps(jobs: list[Job], steps: StepImages | None, refiner: bool) -> None:
-    """--save-steps fits every job: at least 1, at most the denoising steps the job runs."""
+def check_save_steps(jobs: list[Job], steps: StepImages | None, refiner: bool,
+                     scheduler_config: dict[str, Any]) -> None:
+    """--save-steps fits every job: at least 1, at most the loop steps the job runs (its scheduler's model
+    calls: Heun's two per step but the first, PNDM's one extra; fewer where img2img's strength skips some)."""
     if steps is None:
         return
     if refiner:
         raise ValueError("--save-steps: not with --refiner (the base and the refiner run separate loops)")
+    from sdjax.schedulers import make_scheduler
+
     for job in jobs:
+        sched = make_scheduler(job.scheduler, scheduler_config, job.steps,
+                               **({"use_karras_sigmas": True} if job.karras else {}))
         runs = job.steps if job.init_image is None else int(job.steps * (job.strength or (1.0 if job.mask else 0.8)))
-        if not 1 <= steps.every <= runs:
-            raise ValueError(f"--save-steps must be in [1, {runs}] (the steps{'' if job.init_image is None else ' its strength leaves'}), "
-                             f"got {steps.every}")
+        calls = len(sched.timesteps) - (job.steps - runs) * sched.order  # as sdjax.pipeline.generate starts
+        if not 1 <= steps.every <= calls:
+            raise ValueError(f"--save-steps must be in [1, {calls}] (the model calls of {job.steps} {job.scheduler} "
+                             f"steps{'' if job.init_image is None else ' at its strength'}), got {steps.every}")
 
 
 def save_steps(path: str, image: np.ndarray, previews: np.ndarray, every: int, parameters: str) -> list[str]:

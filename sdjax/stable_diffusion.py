@@ -265,8 +265,11 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
         scheduler_config["prediction_type"] = check_prediction_type(prediction_type)
     options = dict(attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     networks = {name: COMPONENTS[name].module_cls(cfg, **options) for name, cfg in description.configs.items()}
+    from sdjax.textual_inversion import words_in
+
+    first = description.tokenizers[text_encodings(tuple(networks))[0].tokenizer]
     model = Model(networks=networks, tokenizers=description.tokenizers, scheduler_config=scheduler_config,
-                  model_index=description.model_index)
+                  model_index=description.model_index, embeddings=words_in(first))
     return StableDiffusion(model, params)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import AddedToken
 
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors
 
@@ -64,7 +65,11 @@ def _read_pickle(path: str) -> dict[str, Any]:
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading a pickled embedding needs PyTorch installed") from None
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean the same to the user
+        raise CheckpointError(f"{path}: cannot read as a PyTorch embedding ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a textual-inversion embedding (a {type(data).__name__}, not a dict)")
 
@@ -137,9 +142,24 @@ def tokens_of(token: str, count: int) -> tuple[str, ...]:
 def expand(prompt: str, words: Mapping[str, tuple[str, ...]]) -> str:
     """`prompt` with each multi-vector word replaced by all of its tokens ("<cat>" -> "<cat> <cat>_1")."""
     for word, tokens in words.items():
-        if len(tokens) > 1:
-            prompt = re.sub(re.escape(word) + r"(?!_\d)", " ".join(tokens), prompt)
+        if len(tokens) > 1:  # where the tokenizer matches the word: standing alone, in any case
+            joined = " ".join(tokens)
+            prompt = re.sub(r"(?<!\w)" + re.escape(word) + r"(?!\w)", lambda _: joined, prompt, flags=re.I)
     return prompt
+
+
+def words_in(tokenizer) -> dict[str, tuple[str, ...]]:
+    """The multi-vector words a saved tokenizer holds as added tokens W, W_1, W_2, ... (what with_textual_inversion
+    adds and a saved model keeps), so that a reloaded model expands them again, as diffusers does."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if not t.special}
+    words = {}
+    for word in added:
+        tokens = tokens_of(word, 1)
+        while f"{word}_{len(tokens)}" in added:
+            tokens += (f"{word}_{len(tokens)}",)
+        if len(tokens) > 1 and not re.fullmatch(r".+_\d+", word):
+            words[word] = tokens
+    return words
 
 
 def _vectors_for(embedding: Embedding, model) -> dict[str, np.ndarray]:
@@ -189,8 +209,9 @@ def add_embedding(model, params: Mapping[str, Any], embedding: Embedding, token:
         known = [t for t in tokens if t in tokenizer.get_vocab()]
         if known and not override:
             raise ValueError(f"{embedding.path}: token {known[0]!r} is already in {enc.tokenizer}'s vocabulary; "
-                             "choose another token, or override it")
-        tokenizer.add_tokens(list(tokens))
+                             "choose another token (sample.py --embedding FILE:TOKEN), or override=True")
+        # single_word: the word matches only standing alone, so "tri" never takes the start of "triangle"
+        tokenizer.add_tokens([AddedToken(t, single_word=True) for t in tokens])
         ids = np.asarray(tokenizer.convert_tokens_to_ids(list(tokens)))
         module = model.networks[enc.encoder]
         encoder_params = dict(params[enc.encoder])

@@ -118,8 +118,13 @@ def test_sample_cli_save_steps(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00000-0.steps.png"))[:, 192:], final)
     capsys.readouterr()
     bad = tmp_path / "bad"
-    for flags, message in ((["--save-steps", "0"], "--save-steps must be in [1, 6] (the steps), got 0"),
-                           (["--save-steps", "7"], "--save-steps must be in [1, 6] (the steps), got 7")):
+    for flags, message in ((["--save-steps", "0"], "--save-steps must be in [1, 6] (the model calls of 6 ddim steps), "
+                                                   "got 0"),
+                           (["--save-steps", "7"], "--save-steps must be in [1, 6] (the model calls of 6 ddim steps), "
+                                                   "got 7"),
+                           (["--save-steps", "12", "--scheduler", "heun"], "--save-steps must be in [1, 11] (the "
+                                                                            "model calls of 6 heun steps), got 12"),
+                           (["--preview", "latents"], "--preview / --preview-decoder: only with --save-steps")):
         assert_one_line_exit_2(sample.main, ["--prompt", "a", "--steps", "6", *flags, "--out", str(bad)], message,
                                capsys)
     assert not bad.exists()

@@ -64,6 +64,10 @@ def test_a1111_formats_load_the_same_vectors(checkpoints, tmp_path):
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.from_numpy(vectors)},
                 "name": "<tri>", "step": 500}, pt)
     assert read_embedding(a1111).name == "tri"  # A1111 names an embedding by its file
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="garbage.pt: cannot read as a PyTorch embedding"):
+        read_embedding(str(garbage), allow_pickle=True)
     assert read_embedding(pt, allow_pickle=True).name == "<tri>"
     with pytest.raises(CheckpointError, match="legacy.pt: pickled embeddings are not read by default"):
         read_embedding(pt)
@@ -157,6 +161,10 @@ def test_sample_cli_embedding(tmp_path, capsys):
                            f"{wide}: vectors of 768 values; text_encoder takes 64", capsys)
     assert_one_line_exit_2(sample.main, ["--embedding", str(tmp_path / "missing.safetensors"), "--prompt", "a",
                                          "--out", str(bad)], "missing.safetensors: file not found", capsys)
+    twin = str(tmp_path / "twin.safetensors")
+    write_safetensors(twin, {"emb_params": _vectors(1, 64, 6)})
+    assert_one_line_exit_2(sample.main, ["--embedding", f"{path}:<x>", "--embedding", f"{twin}:<x>", "--prompt", "a",
+                                         "--out", str(bad)], "word '<x>' is also", capsys)
     assert not bad.exists()
 
 
@@ -183,3 +191,19 @@ def test_sdxl_textual_inversion_training_exports_both_encoders(sdxl_checkpoints,
     table = sd.params["text_encoder_2"]["embeddings"]["token_embedding"]["embedding"]
     np.testing.assert_array_equal(np.asarray(table[-1]), second["<tri>"][0])
     assert np.isfinite(sd.generate(["a <tri>"], num_steps=2, height=32, width=32)).all()
+
+
+def test_word_matches_alone_and_survives_save(checkpoints, tmp_path):
+    """A loaded word takes no part of a longer word ("ron" leaves "ciron" alone), matches whatever its case,
+    and a saved model keeps a multi-vector word's expansion."""
+    base = sdjax.load(checkpoints["sd1"][0])
+    path = str(tmp_path / "ron.safetensors")
+    write_safetensors(path, {"emb_params": _vectors(3, 32, 9)})
+    sd = base.with_textual_inversion(path)
+    np.testing.assert_array_equal(_encode(sd, ["a ciron"]).context, _encode(base, ["a ciron"]).context)
+    np.testing.assert_array_equal(_encode(sd, ["a RON"]).context, _encode(sd, ["a ron"]).context)
+    assert _rel(_encode(sd, ["a ron"]).context, _encode(base, ["a ron"]).context) > 1e-2
+    sd.save(str(tmp_path / "saved"))
+    again = sdjax.load(str(tmp_path / "saved"))
+    assert again.model.embeddings == {"ron": ("ron", "ron_1", "ron_2")}
+    np.testing.assert_array_equal(_encode(again, ["a ron"]).context, _encode(sd, ["a ron"]).context)

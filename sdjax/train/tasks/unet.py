@@ -64,8 +64,17 @@ def check(config: ml_collections.ConfigDict) -> None:
                              "embedding the new one starts from)")
         if ti.vectors < 1:
             raise ValueError(f"textual_inversion.vectors must be >= 1, got {ti.vectors}")
-        if ti.template and ti.template.count("{}") != 1:
-            raise ValueError(f"textual_inversion.template {ti.template!r}: needs one {{}} where the token goes")
+        if ti.template:
+            try:
+                filled = ti.template.format(ti.token)
+            except (IndexError, KeyError, ValueError):
+                filled = ""
+            if ti.template.count("{}") != 1 or ti.token not in filled:
+                raise ValueError(f"textual_inversion.template {ti.template!r}: needs one {{}} where the token goes "
+                                 "(and no other braces)")
+            if config.data.caption_dropout:
+                raise ValueError("textual_inversion.template with data.caption_dropout: the template is every "
+                                 "caption, so set data.caption_dropout=0")
         if ti.template and ti.replace:
             raise ValueError("textual_inversion.template and textual_inversion.replace: give one (the template "
                              "replaces whole captions)")
@@ -221,15 +230,13 @@ def _lora_task(config: ml_collections.ConfigDict, model: Model, params: dict[str
 
 class CaptionRewrite:
     """Captions -> token ids with a textual-inversion run's captions: each one `template` with the token, or
-    `replace` swapped for the token; empty (dropped) captions stay empty. A class so grain workers can pickle it."""
+    `replace` swapped for the token. A class so grain workers can pickle it."""
 
     def __init__(self, tokenize, token: str, template: str, replace: str):
         self.tokenize, self.token, self.template, self.replace = tokenize, token, template, replace
 
     def rewrite(self, caption: str) -> str:
-        if not caption:
-            return caption
-        if self.template:
+        if self.template:  # every caption, empty ones too (check() refuses caption dropout with a template)
             return self.template.format(self.token)
         if self.replace:
             return re.sub(rf"\b{re.escape(self.replace)}\b", self.token, caption)
