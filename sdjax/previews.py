@@ -92,12 +92,13 @@ def fit_approx_decoder(model, params: Mapping[str, Any], images: int = 128, size
     draw: the same model always gets the same map. Cached per model."""
     if model in _FITTED:
         return _FITTED[model]
-    vae = model.vae
-    factor = vae.config.downscale
+    vae = model.vae.clone(dtype=jnp.float32)  # calibration in float32 whatever the model computes in (an
+    factor = vae.config.downscale              # SD/SDXL VAE in float16 overflows; bfloat16 is coarse)
     rng = np.random.default_rng(20240101)  # calibration only: fixed so that previews are reproducible
     coarse = rng.uniform(0, 1, (images, 2, 2, 3)).astype(np.float32)
     fields = jax.image.resize(jnp.asarray(coarse), (images, size, size, 3), "nearest")
-    mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params["vae"], fields * 2 - 1)
+    weights = jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), params["vae"])
+    mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(weights, fields * 2 - 1)
     latents = np.asarray(mean, np.float64).reshape(-1, mean.shape[-1]) * vae.config.scaling_factor
     target = np.asarray(fields, np.float64).reshape(images, size // factor, factor, size // factor, factor, 3)
     target = target.mean(axis=(2, 4)).reshape(-1, 3)
