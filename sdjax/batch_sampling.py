@@ -43,6 +43,11 @@ class Job:
                 self.init_image is not None, self.mask is not None, self.strength, self.loras)
 
 
+def effective_strength(strength: float | None, mask: str | None) -> float:
+    """The strength an img2img / inpainting job runs at: its own, else generate's default (0.8, 1.0 with a mask)."""
+    return strength or (1.0 if mask else 0.8)
+
+
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) of an image file, read from its header."""
     try:
@@ -338,7 +343,7 @@ def expand_jobs(entries: list[Entry], flags: dict[str, Any], *, native_size: tup
         if source is None:
             strength = None  # a --strength default applies to the prompts with an init image
         else:
-            effective = strength or (1.0 if mask else 0.8)  # generate's defaults
+            effective = effective_strength(strength, mask)
             if int(s["steps"] * effective) < 1:
                 raise ValueError(f"{entry.where}: {s['steps']} steps at strength {effective} leave no denoising "
                                  "step; give more steps or a higher strength")
@@ -465,14 +470,16 @@ def check_save_steps(jobs: list[Job], steps: StepImages | None, refiner: bool,
         raise ValueError("--save-steps: not with --refiner (the base and the refiner run separate loops)")
     from sdjax.schedulers import make_scheduler
 
-    for job in jobs:
-        sched = make_scheduler(job.scheduler, scheduler_config, job.steps,
-                               **({"use_karras_sigmas": True} if job.karras else {}))
-        runs = job.steps if job.init_image is None else int(job.steps * (job.strength or (1.0 if job.mask else 0.8)))
-        calls = len(sched.timesteps) - (job.steps - runs) * sched.order  # as sdjax.pipeline.generate starts
+    # One loop length per distinct (scheduler, steps, schedule, strength), not one scheduler built per image.
+    loops = {(job.scheduler, job.steps, job.karras,
+              None if job.init_image is None else effective_strength(job.strength, job.mask)) for job in jobs}
+    for scheduler, num_steps, karras, strength in sorted(loops, key=repr):
+        sched = make_scheduler(scheduler, scheduler_config, num_steps, **({"use_karras_sigmas": True} if karras else {}))
+        runs = num_steps if strength is None else int(num_steps * strength)
+        calls = len(sched.timesteps) - (num_steps - runs) * sched.order  # as sdjax.pipeline.generate starts
         if not 1 <= steps.every <= calls:
-            raise ValueError(f"--save-steps must be in [1, {calls}] (the model calls of {job.steps} {job.scheduler} "
-                             f"steps{'' if job.init_image is None else ' at its strength'}), got {steps.every}")
+            raise ValueError(f"--save-steps must be in [1, {calls}] (the model calls of {num_steps} {scheduler} "
+                             f"steps{'' if strength is None else ' at its strength'}), got {steps.every}")
 
 
 def save_steps(path: str, image: np.ndarray, previews: np.ndarray, every: int, parameters: str) -> list[str]:
@@ -548,7 +555,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
             settings.update({"CFG scale": job.guidance, "Seed": job.seed, "Size": f"{job.width}x{job.height}",
                              "Model": model_name})
             if job.init_image:
-                settings["Denoising strength"] = job.strength or (1.0 if job.mask else 0.8)
+                settings["Denoising strength"] = effective_strength(job.strength, job.mask)
             if refiner is not None:  # A1111's names for its refiner settings
                 settings.update({"Refiner": refiner.name, "Refiner switch at": refiner.switch})
             if job.loras:  # A1111's: "alias: short hash", aliases without ":" or ","
