@@ -33,6 +33,7 @@ import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from sdjax import storage
 from sdjax.convert.diffusers import COMPONENTS, read_pickle_weights
 from sdjax.convert.ldm import ldm_keys
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, read_safetensors_metadata
@@ -361,8 +362,8 @@ def save_kohya(path: str, model: Any, factors: Mapping[str, Any], alpha: float, 
     place), with the metadata kohya writes that A1111 reads (network module, dim, alpha, base model)."""
     from sdjax.convert.safetensors_io import write_safetensors
 
-    path = os.path.abspath(path)
-    if os.path.exists(path):
+    path = storage.absolute(path)
+    if storage.exists(path):
         raise CheckpointError(f"{path}: already exists; export to a new file")
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                 "ss_network_alpha": str(alpha)}
@@ -370,12 +371,5 @@ def save_kohya(path: str, model: Any, factors: Mapping[str, Any], alpha: float, 
         metadata["ss_base_model_version"] = "sdxl_base_v1-0"
     elif model.networks["text_encoder"].config.hidden_act != "quick_gelu":
         metadata["ss_v2"] = "True"  # OpenCLIP text: SD 2.x
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = f"{path}.{os.getpid()}.partial"
-    try:
+    with storage.staged_file(path, suffix=".safetensors") as staging:
         write_safetensors(staging, kohya_state(model, factors, alpha), metadata)
-        os.rename(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise

@@ -59,3 +59,29 @@ def inpaint_checkpoint(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("inpaint"))
     builders.save_pipeline(root, "sd1", inpainting=True)
     return os.path.join(root, "sd1")
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A local GCS emulator for one test file, with this process (and the subprocesses it starts) pointed at
+    it; fsspec's cached filesystems are dropped on both sides, so no client keeps another emulator's address."""
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed")
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed")
+    import fsspec
+
+    from gcs_emulator import Emulator
+    from sdjax import storage
+
+    emulator = Emulator()
+    previous = {key: os.environ.get(key) for key in emulator.env}
+    os.environ.update(emulator.env)
+    fsspec.get_filesystem_class("gs").clear_instance_cache()
+    storage._filesystem.cache_clear()
+    yield emulator
+    emulator.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    storage._filesystem.cache_clear()

@@ -13,19 +13,17 @@ Weights load strictly (every tensor used, every parameter found, shapes equal). 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from sdjax.convert.state_dict import params_from_state_dict, state_dict_from_params
+from sdjax.storage import staged_folder
 from sdjax.tokenizer import save_tokenizer
 from sdjax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
                           VAEConfig, abstract_params)
@@ -226,29 +224,6 @@ def default_model_index(scheduler_class: str, pipeline: str = "StableDiffusionPi
                        else ["transformers", TOKENIZER_CLASSES[0]] if name.startswith("tokenizer")
                        else [COMPONENTS[name].library, COMPONENTS[name].class_names[0]])
     return index
-
-
-@contextlib.contextmanager
-def staged_folder(folder: str) -> Iterator[str]:
-    """A temporary sibling of `folder` to write into, renamed into place when the block succeeds, so
-    that an interrupted export leaves no half-written folder. `folder` must not exist yet, or be empty."""
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise CheckpointError(f"{folder}: already exists and is not empty; export into a new folder")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    # Made with mkdir rather than mkdtemp, so the export gets the mode any new folder gets (the umask's),
-    # not mkdtemp's private 0700.
-    staging = os.path.join(parent, f".sdjax-export-{uuid.uuid4().hex}")
-    os.mkdir(staging)
-    try:
-        yield staging
-        if os.path.isdir(folder):
-            os.rmdir(folder)
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_component(folder: str, name: str, config: Any, params: Any, dtype: Any) -> None:

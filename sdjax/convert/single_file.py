@@ -25,15 +25,14 @@ projection, and the EMA or the non-EMA UNet weights, whichever is not chosen).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import uuid
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
 
+from sdjax import storage
 from sdjax.convert.diffusers import COMPONENTS, cast_floats, read_pickle_weights
 from sdjax.convert.ldm import VAE_CONV_ATTENTION, ldm_keys
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
@@ -258,18 +257,11 @@ def single_file_state(configs: Mapping[str, Any], params: Mapping[str, Any],
 def save_single_file(path: str, configs: Mapping[str, Any], params: Mapping[str, Any], dtype: Any = None) -> None:
     """Writes the model as one new .safetensors file at `path` (written beside it and renamed into place,
     so an interrupted export leaves no file); an existing file is not replaced."""
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     if not path.endswith(".safetensors"):
         raise CheckpointError(f"{path}: a single-file export is a .safetensors file")
-    if os.path.exists(path):
+    if storage.exists(path):
         raise CheckpointError(f"{path}: already exists; export to a new file")
     tensors = single_file_state(configs, params, dtype)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = os.path.join(os.path.dirname(path), f".sdjax-export-{uuid.uuid4().hex}.safetensors")
-    try:
+    with storage.staged_file(path, suffix=".safetensors") as staging:
         write_safetensors(staging, tensors)
-        os.rename(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise

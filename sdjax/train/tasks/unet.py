@@ -18,7 +18,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sdjax.conditioning import takes_added_conditions, tokenizer_fn, uses_aesthetic_score
-from sdjax.convert.diffusers import staged_folder
 from sdjax.data.latent_cache import check_cacheable, ensure_latent_cache
 from sdjax.lora import TEXT_TARGETS, TRAINED, UNET_TARGETS, save_kohya, train_targets, with_trained
 from sdjax.models.attention import resolved_impl
@@ -27,6 +26,7 @@ from sdjax.models.token_rows import TokenRows
 from sdjax.parallel import sync_processes, to_host
 from sdjax.pipeline import generate
 from sdjax.stable_diffusion import Model, save
+from sdjax.storage import staged_folder
 from sdjax.textual_inversion import TRAINED as TI_TRAINED
 from sdjax.textual_inversion import placeholder, row_ids, save_embedding, with_rows
 from sdjax.train.build import build_model
