@@ -73,8 +73,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def model_name(path: str) -> str:
     """A model's name in the PNG parameters, as A1111 writes it: the folder's or the file's, without extension."""
-    name = os.path.basename(os.path.normpath(path))
-    return os.path.splitext(name)[0] if os.path.isfile(path) else name
+    from sdjax import storage
+
+    if storage.is_remote(path):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        name = os.path.basename(os.path.normpath(path))
+    return os.path.splitext(name)[0] if storage.isfile(path) else name
 
 
 def main(argv: list[str]) -> int:
@@ -86,6 +91,7 @@ def main(argv: list[str]) -> int:
     backends.prepare()  # before JAX starts its backends
     import sdjax
     from sdjax import batch_sampling as job
+    from sdjax import storage
     from sdjax.cli import check_output_dir
     from sdjax.pipeline import SamplingError
 
@@ -109,7 +115,10 @@ def main(argv: list[str]) -> int:
         from sdjax.textual_inversion import read_embedding
 
         model = args.model or sdjax.DEFAULT_MODEL
-        single = os.path.isfile(model)
+        for flag, path in (("--model", model), ("--model-config", args.model_config), ("--refiner", args.refiner)):
+            if path and storage.is_remote(path):
+                storage.check_readable(path, flag)  # no such bucket or object: one line, before any download
+        single = storage.isfile(model)
         if not single and (args.model_config or args.ema):
             raise ValueError(f"--model-config and --ema are for a single-file --model; {model} is not a file")
         embeddings = {}  # word -> its file's vectors

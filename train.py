@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdjax import storage
 from sdjax.cli import absl_flags_parser, check_output_dir, define_config_file
 
 _CONFIG = define_config_file("config", "a configs/*.py file, optionally file.py:arg")
@@ -39,7 +39,7 @@ def staged_runs(plan: list, overrides: dict, workdir: str, only: str | None) -> 
     names = [name for name, _ in plan]
     if only is not None and only not in names:
         raise ValueError(f"--stage {only!r}: expected one of {', '.join(names)}")
-    return [(apply_overrides(stage_config, overrides), os.path.join(workdir, name))
+    return [(apply_overrides(stage_config, overrides), storage.join(workdir, name))
             for name, stage_config in plan if only in (None, name)]
 
 
@@ -82,10 +82,10 @@ def main(argv: list[str]) -> int:
         elif _SWEEP.value is None:
             runs = [(config, workdir)]
         elif _SWEEP.value == "all":
-            runs = [(apply_overrides(config, p), os.path.join(workdir, f"sweep_{i}")) for i, p in enumerate(points)]
+            runs = [(apply_overrides(config, p), storage.join(workdir, f"sweep_{i}")) for i, p in enumerate(points)]
         elif _SWEEP.value.isdigit() and int(_SWEEP.value) < len(points):
             i = int(_SWEEP.value)
-            runs = [(apply_overrides(config, points[i]), os.path.join(workdir, f"sweep_{i}"))]
+            runs = [(apply_overrides(config, points[i]), storage.join(workdir, f"sweep_{i}"))]
         else:
             raise ValueError(f"--sweep {_SWEEP.value!r}: expected 'list', 'all' or an index below {len(points)}")
         for run_config, run_dir in runs:  # every run's config and folder, before the first run creates or

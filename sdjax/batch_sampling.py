@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdjax import storage
 from sdjax.png_info import SAMPLER_NAMES, format_parameters, save_png
 from sdjax.seeds import SEED_LIMIT
 
@@ -48,10 +50,15 @@ def effective_strength(strength: float | None, mask: str | None) -> float:
     return strength or (1.0 if mask else 0.8)
 
 
+def open_image(path: str) -> Image.Image:
+    """PIL's lazily read image of a local file, or of a remote one (gs://...) read into memory."""
+    return Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path)
+
+
 def image_size(path: str) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header."""
+    """(height, width) of an image file, read from its header (a remote file is read whole)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.height, im.width
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
@@ -60,7 +67,7 @@ def image_size(path: str) -> tuple[int, int]:
 def read_image(path: str, size: tuple[int, int], grayscale: bool = False) -> np.ndarray:
     """An image file as float32 in [0, 1], (H, W, 3) or (H, W) if grayscale; it must be `size` (H, W)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             pixels = np.asarray(im.convert("L" if grayscale else "RGB"), np.float32) / 255
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
@@ -139,8 +146,10 @@ def _image_file(path: str) -> str:
 
 
 def split_suffix(text: str) -> tuple[str, str | None]:
-    """"FILE" or "FILE:SUFFIX" -> (FILE, SUFFIX or None); an existing file whose name holds ":" is taken whole."""
-    if os.path.isfile(text) or ":" not in text:
+    """"FILE" or "FILE:SUFFIX" -> (FILE, SUFFIX or None); an existing file whose name holds ":" is taken whole,
+    as is the "://" of a URL (gs://bucket/file.safetensors:0.7)."""
+    name = text.split("://", 1)[1] if storage.is_remote(text) else text
+    if ":" not in name or storage.isfile(text):
         return text, None
     path, _, suffix = text.rpartition(":")
     return path, suffix
@@ -149,7 +158,7 @@ def split_suffix(text: str) -> tuple[str, str | None]:
 def parse_embedding(text: str) -> tuple[str, str | None]:
     """"FILE" or "FILE:TOKEN" -> (FILE, TOKEN or None: the name the file gives); the file must exist."""
     path, token = split_suffix(text)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ValueError(f"--embedding {path}: file not found")
     if token is not None and not token.strip():
         raise ValueError(f"--embedding {text!r}: empty token after ':'")
@@ -166,7 +175,7 @@ def parse_lora(text: str) -> tuple[str, float]:
         raise ValueError(f"{text!r}: scale {scale!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"{text!r}: scale must be a finite number")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ValueError(f"{path}: LoRA file not found")
     return path, value
 
@@ -277,10 +286,9 @@ def read_prompt_file(path: str) -> list[Entry]:
     """Checked prompt entries from a text file (one prompt per line) or .jsonl (one object per line):
     every line's keys, value types and bounds, schedulers, sizes and image files, before any work."""
     try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
+        lines = bytes(storage.read_bytes(path)).splitlines()
     except OSError as e:
-        raise ValueError(f"--prompts-file {path}: cannot read ({e.strerror})") from None
+        raise ValueError(f"--prompts-file {path}: cannot read ({e.strerror or e})") from None
     entries = []
     for number, raw in enumerate(lines, 1):
         where = f"{path}:{number}"
@@ -398,12 +406,15 @@ def batches(jobs: list[Job], batch_size: int, key: Callable[[Job], Any] = lambda
 
 def next_index(out_dir: str) -> int:
     """The first image number after those already in out_dir, so reruns never overwrite."""
-    numbers = [int(m.group(1)) for name in os.listdir(out_dir) if (m := re.fullmatch(r"(\d+)-.*\.png", name))]
+    numbers = [int(m.group(1)) for name in storage.listdir(out_dir) if (m := re.fullmatch(r"(\d+)-.*\.png", name))]
     return max(numbers, default=-1) + 1
 
 
 def prepare_out_dir(out_dir: str) -> None:
-    """Creates out_dir, once the whole job is checked (sdjax.cli.check_output_dir checked it can be)."""
+    """Creates out_dir, once the whole job is checked (sdjax.cli.check_output_dir checked it can be); a
+    store's (gs://...) needs no creating."""
+    if storage.is_remote(out_dir):
+        return
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -565,7 +576,7 @@ def run(sd, jobs: list[Job], out_dir: str, batch_size: int, model_name: str,
             if used:  # A1111's key: "word: short hash" of each embedding the prompts use
                 settings["TI hashes"] = ", ".join(f"{word.replace(':', '').replace(',', '')}: {ti_hashes[word]}"
                                                   for word in used)
-            path = os.path.join(out_dir, f"{index:05d}-{job.seed}.png")
+            path = storage.join(out_dir, f"{index:05d}-{job.seed}.png")
             parameters = format_parameters(_lora_prompt(job, loras), job.negative_prompt, settings)
             save_png(path, image, parameters)
             paths.append(path)

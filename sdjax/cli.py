@@ -22,6 +22,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from sdjax import storage
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse without the usage block on errors: `prog: error: message`, exit 2, like the tools' own checks."""
@@ -175,7 +177,11 @@ def absl_flags_parser(prog: str, required: Sequence[str] = (),
 
 def check_output_dir(path: str, flag: str) -> None:
     """Raises ValueError naming `flag` unless `path` is a directory this process can write in, or can be
-    created as one. Creates nothing."""
+    created as one. Creates nothing locally; a URL (gs://...) is checked by writing and deleting one
+    small object there (storage.check_writable)."""
+    if storage.is_remote(path):
+        storage.check_writable(path, flag)
+        return
     full = os.path.abspath(path)
     if os.path.lexists(full) and not os.path.isdir(full):
         raise ValueError(f"{flag} {path}: exists and is not a directory")

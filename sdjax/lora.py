@@ -79,6 +79,11 @@ def a1111_hash(path: str) -> str:
     its header (the "addnet" hash kohya's scripts also store as sshs_model_hash); of the whole file for
     other formats."""
     digest = hashlib.sha256()
+    if storage.is_remote(path):
+        data = memoryview(storage.read_bytes(path))
+        start = 8 + int.from_bytes(data[:8], "little") if path.endswith(".safetensors") else 0
+        digest.update(data[start:])
+        return digest.hexdigest()[:12]
     with open(path, "rb") as f:
         if path.endswith(".safetensors"):
             f.seek(8 + int.from_bytes(f.read(8), "little"))
@@ -151,7 +156,7 @@ def read_lora(path: str, model: Any, params: Mapping[str, Any], *, allow_pickle:
     """The LoRA file at `path` matched onto `model` (a sdjax Model) with `params` (for the kernel shapes):
     every key used, every factor shape fitting its weight, or a CheckpointError naming the key."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"{path}: LoRA file not found")
     tensors, metadata = _read(path, allow_pickle)
     if not tensors:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import storage
 from sdjax.conditioning import (PROMPT_SYNTAXES, MicroConditioning, encode_text, takes_added_conditions, time_ids,
                                 tokenize_prompts, unet_call, uses_aesthetic_score, zeroes_empty_prompts)
 from sdjax.lora import resolve
@@ -34,10 +35,16 @@ MODES = ("txt2img", "img2img", "inpaint")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla)."""
+    """Turns on JAX's persistent compilation cache (default: $SDJAX_CACHE_DIR or ~/.cache/sdjax/xla).
+
+    A gs:// (or other fsspec) URL is a cache every host of a slice shares: jax reads and writes it
+    through etils' epath, which reaches stores through fsspec."""
     path = path or os.environ.get("SDJAX_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdjax", "xla")
-    os.makedirs(path, exist_ok=True)
+    if storage.is_remote(path):
+        storage.check_writable(path, "compilation cache ($SDJAX_CACHE_DIR)")
+    else:
+        os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path

@@ -10,6 +10,7 @@ so existing prompt-reader tools understand sdjax's images.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from sdjax import storage
 
 # Our scheduler names -> the sampler names the web UI writes.
 SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
@@ -54,10 +57,16 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def save_png(path: str, image: np.ndarray, parameters: str) -> None:
-    """Writes a float [0, 1] (H, W, 3) image atomically (temp file, then rename) with its parameters."""
+    """Writes a float [0, 1] (H, W, 3) image atomically (temp file, then rename; to a store (gs://...) as one
+    object) with its parameters."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if storage.is_remote(path):
+        encoded = io.BytesIO()
+        Image.fromarray(pixels).save(encoded, format="PNG", pnginfo=info)
+        storage.write_bytes(path, encoded.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
@@ -73,6 +82,6 @@ def save_png(path: str, image: np.ndarray, parameters: str) -> None:
 
 
 def read_parameters(path: str) -> str:
-    """The `parameters` chunk of a PNG written by save_png (or the web UI)."""
-    with Image.open(path) as im:
+    """The `parameters` chunk of a PNG written by save_png (or the web UI), local or remote."""
+    with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as im:
         return im.info["parameters"]

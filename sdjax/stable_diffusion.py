@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import storage
 from sdjax.conditioning import TextEncoding, text_encodings, tokenizer_fn
 from sdjax.convert.diffusers import (COMPONENTS, load_component, model_components, read_component_config, read_json,
                                      read_model_index, save_pipeline)
@@ -220,7 +221,8 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
 
     Args:
       path: folder with model_index.json and a sub-folder per component (text_encoder/, tokenizer/, unet/,
-        vae/, scheduler/ for SD 1.x/2.x), or a single .safetensors file (.ckpt with allow_pickle).
+        vae/, scheduler/ for SD 1.x/2.x), or a single .safetensors file (.ckpt with allow_pickle); local,
+        or a URL (gs://bucket/model, any fsspec store; each weight file is read into memory whole).
       dtype: compute dtype of the networks (e.g. jnp.bfloat16 on TPU/GPU).
       param_dtype: storage dtype of the parameters; defaults to `dtype`.
       attention_impl: "auto" (the Pallas kernel on TPU, "xla" elsewhere), "xla", "dot", "cudnn" or
@@ -236,7 +238,12 @@ def load(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, attent
         config= the default follows sdjax.convert.families (SD 2.x: v_prediction).
     """
     path = os.fspath(path)
-    single = os.path.isfile(path)
+    if storage.is_remote(path):
+        storage.check_readable(path, "model")  # no such bucket or object: one line naming it
+    config = None if config is None else os.fspath(config)
+    if config is not None and storage.is_remote(config):
+        storage.check_readable(config, "config")
+    single = storage.isfile(path)
     if not single and (config is not None or ema):
         raise ValueError(f"{path}: config= and ema= are for single-file checkpoints, not diffusers folders")
     param_dtype = param_dtype or dtype
@@ -278,8 +285,8 @@ def _folder_description(folder: str) -> Description:
     model_index = read_model_index(folder)
     names = model_components(model_index)
     configs = {name: read_component_config(folder, name) for name in names if name in COMPONENTS}
-    tokenizers = {name: load_tokenizer(os.path.join(folder, name)) for name in names if name.startswith("tokenizer")}
-    scheduler_config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    tokenizers = {name: load_tokenizer(storage.join(folder, name)) for name in names if name.startswith("tokenizer")}
+    scheduler_config = read_json(storage.join(folder, "scheduler", "scheduler_config.json"))
     return Description("folder", configs, tokenizers, scheduler_config, model_index)
 
 

@@ -24,7 +24,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 # A folder holding this object is an upload that did not finish.
 PARTIAL = ".sdjax-partial"
@@ -68,10 +68,10 @@ def _filesystem(protocol: str):
     import fsspec
 
     if protocol == "gs":
-        # gcsfs's probe of the bucket type over gRPC waits out a timeout where that is not served; and the
-        # metadata-server check hangs off Google Cloud. Both are skipped unless the user set them.
+        # gcsfs's probe of the bucket type over gRPC waits out a timeout where that is not served (HNS and
+        # zonal buckets need nothing of it here). Skipped unless the user set it. (NO_GCE_CHECK is left
+        # alone: a TPU VM's credentials come from the metadata server it would skip.)
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        os.environ.setdefault("NO_GCE_CHECK", "true")
     try:
         # No listings cache: other processes (Orbax's TensorStore, the other hosts) write to the same store.
         return fsspec.filesystem(protocol, use_listings_cache=False)
@@ -200,13 +200,15 @@ def staged_file(path: str, suffix: str = "") -> Iterator[str]:
             os.remove(staging)
 
 
-def upload_folder(local: str, url: str) -> None:
+def upload_folder(local: str, url: str, on_marker: Callable[[], None] | None = None) -> None:
     """Copies local folder `local` to `url` (which must hold nothing yet): PARTIAL first, then every file
     (concurrently), then PARTIAL is deleted. A cut-off upload leaves PARTIAL, never a folder that reads as
-    complete."""
+    complete. `on_marker` is called once PARTIAL is written (the fault tests kill the process there)."""
     fs = filesystem(url)
     marker = posixpath.join(url, PARTIAL)
     fs.pipe_file(marker, b"an sdjax upload that did not finish; delete this folder\n")
+    if on_marker is not None:
+        on_marker()
     sources, targets = [], []
     for root, _, files in os.walk(local):
         for name in files:

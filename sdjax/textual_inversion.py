@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import os
 import re
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken
 
+from sdjax import storage
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors
 
 # SDXL embedding keys -> the text encoder they belong to.
@@ -66,7 +68,8 @@ def _read_pickle(path: str) -> dict[str, Any]:
     except ImportError:
         raise CheckpointError(f"{path}: reading a pickled embedding needs PyTorch installed") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean the same to the user
         raise CheckpointError(f"{path}: cannot read as a PyTorch embedding ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
@@ -86,7 +89,7 @@ def _read_pickle(path: str) -> dict[str, Any]:
 def read_embedding(path: str, *, allow_pickle: bool = False) -> Embedding:
     """The vectors of a textual-inversion file in diffusers', A1111's or SDXL's format (module docstring)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"{path}: embedding file not found")
     if path.endswith(".safetensors"):
         data: dict[str, Any] = read_safetensors(path)
@@ -128,6 +131,9 @@ def file_hash(path: str) -> str:
     """A1111's short hash of an embedding file, as its PNG parameters give it ("TI hashes"): the first 12
     hex digits of the SHA-256 of the whole file."""
     digest = hashlib.sha256()
+    if storage.is_remote(path):
+        digest.update(storage.read_bytes(path))
+        return digest.hexdigest()[:12]
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

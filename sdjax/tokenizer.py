@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from sdjax import storage
 from sdjax.convert.safetensors_io import CheckpointError
 
 
@@ -38,17 +39,34 @@ def _clip_tokenizer_class():
     return CLIPTokenizer
 
 
+# The files of a tokenizer folder transformers' from_pretrained reads.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
 def load_tokenizer(folder: str):
-    """transformers' CLIPTokenizer from a tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json).
+    """transformers' CLIPTokenizer from a tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json),
+    local or remote (gs://...).
 
     Always through `from_pretrained(folder)`: in transformers 5, CLIPTokenizer(vocab_file=...,
     merges_file=...) silently builds a 3-token vocabulary.
     """
     CLIPTokenizer = _clip_tokenizer_class()
-    has = lambda name: os.path.isfile(os.path.join(folder, name))
+    remote = storage.is_remote(folder)
+    names = set(storage.listdir(folder)) if remote else None
+    has = (lambda name: name in names) if remote else (lambda name: os.path.isfile(os.path.join(folder, name)))
     if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
         raise CheckpointError(f"{folder}: no tokenizer found (needs vocab.json and merges.txt, or tokenizer.json)")
-    return CLIPTokenizer.from_pretrained(folder)
+    if not remote:
+        return CLIPTokenizer.from_pretrained(folder)
+    # transformers reads local files only: the folder's few small tokenizer files are copied first.
+    with tempfile.TemporaryDirectory(prefix="sdjax-tokenizer-") as local:
+        for name in sorted(names & set(TOKENIZER_FILES)):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(folder, name)))
+        tokenizer = CLIPTokenizer.from_pretrained(local)
+    tokenizer.name_or_path = folder
+    return tokenizer
 
 
 def save_tokenizer(tokenizer, folder: str) -> None:

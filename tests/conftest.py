@@ -65,7 +65,10 @@ def inpaint_checkpoint(tmp_path_factory):
 def gcs():
     """A local GCS emulator for one test file, with this process (and the subprocesses it starts) pointed at
     it; fsspec's cached filesystems are dropped on both sides, so no client keeps another emulator's address."""
-    pytest.importorskip("gcsfs", reason="gcsfs is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:  # not imported here: it reads emulator.env's settings at import
+        pytest.skip("gcsfs is not installed")
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed")
     import fsspec
 

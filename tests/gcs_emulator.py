@@ -1,6 +1,11 @@
 """A local Google Cloud Storage (gcp-storage-emulator, in memory) for the tests of gs:// paths: started and
 stopped by a fixture, no network. Every client sdjax uses is pointed at it through its own variable:
-gcsfs (STORAGE_EMULATOR_HOST) and TensorStore, Orbax's array writer (TENSORSTORE_GCS_HTTP_URL)."""
+gcsfs (STORAGE_EMULATOR_HOST) and TensorStore, Orbax's array writer (TENSORSTORE_GCS_HTTP_URL).
+
+Run as a script, this file is the emulator with one mend: its downloads lack the x-goog-generation header
+that real GCS sends, and TensorStore's OCDBT (the format Orbax checkpoints in) reads an object's
+generation from it, failing with "Malformed StorageGeneration" once a checkpoint holds a few hundred
+arrays (seen with gcp-storage-emulator 2026.7.19)."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ class Emulator:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, os.path.abspath(__file__), "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while True:
@@ -69,3 +74,28 @@ class Emulator:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def _serve(argv: list[str]) -> None:
+    """The emulator's own command line, its downloads answering with the object's generation headers."""
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not found: the handler answered 404 already
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+    objects.download = download_with_generation
+    from gcp_storage_emulator import __main__ as emulator  # after the mend: its routing table holds it
+
+    emulator.main(argv)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])

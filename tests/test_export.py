@@ -63,7 +63,7 @@ def test_export_refuses_nonempty_folder_and_leaves_nothing_on_failure(sd1, tmp_p
     target = tmp_path / "taken"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(sdjax.CheckpointError, match="not empty"):
+    with pytest.raises(sdjax.StorageError, match="taken: already exists and is not empty"):
         sd.save(str(target))
     assert os.listdir(target) == ["keep.txt"]
 

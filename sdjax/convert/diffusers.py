@@ -14,6 +14,7 @@ Weights load strictly (every tensor used, every parameter found, shapes equal). 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Callable
@@ -23,6 +24,7 @@ import numpy as np
 
 from sdjax.convert.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from sdjax.convert.state_dict import params_from_state_dict, state_dict_from_params
+from sdjax import storage
 from sdjax.storage import staged_folder
 from sdjax.tokenizer import save_tokenizer
 from sdjax.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
@@ -78,12 +80,17 @@ COMPONENTS: dict[str, Component] = {
 
 
 def read_json(path: str) -> dict[str, Any]:
-    """A JSON object from `path`, or a CheckpointError naming the file."""
-    if not os.path.isfile(path):
+    """A JSON object from `path` (local or remote), or a CheckpointError naming the file."""
+    if not storage.is_remote(path) and not os.path.isfile(path):
         raise CheckpointError(f"{path}: not found")
     try:
-        with open(path) as f:
-            value = json.load(f)
+        raw = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # remote: one request, not two
+        raise CheckpointError(f"{path}: not found") from None
+    except OSError as e:  # no permission, a store's error
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        value = json.loads(bytes(raw).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
@@ -107,10 +114,11 @@ TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 def read_model_index(folder: str) -> dict[str, Any]:
     """model_index.json of a diffusers pipeline folder, checked to name a known pipeline whose components
     are present with classes sdjax reads."""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise CheckpointError(f"{folder}: not a directory")
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
+    storage.check_complete(folder)  # a cut-off upload to a store
+    index_path = storage.join(folder, "model_index.json")
+    if not storage.isfile(index_path):
         raise CheckpointError(f"{folder}: not a diffusers checkpoint folder (model_index.json not found)")
     index = read_json(index_path)
     pipeline = index.get("_class_name")
@@ -129,8 +137,8 @@ def read_model_index(folder: str) -> dict[str, Any]:
         if known is not None and entry[1] not in known:
             raise CheckpointError(f"{index_path}: component {name!r} has class {entry[1]!r}; sdjax reads "
                                   f"{' or '.join(known)}")
-        if not os.path.isdir(os.path.join(folder, name)):
-            raise CheckpointError(f"{os.path.join(folder, name)}: component folder not found")
+        if not storage.isdir(storage.join(folder, name)):
+            raise CheckpointError(f"{storage.join(folder, name)}: component folder not found")
     present = model_components(index)
     for encoder in (n for n in present if n.startswith("text_encoder")):
         if encoder.replace("text_encoder", "tokenizer") not in present:
@@ -149,7 +157,7 @@ def model_components(index: dict[str, Any]) -> tuple[str, ...]:
 def read_component_config(folder: str, name: str) -> Any:
     """The typed model config of component `name` (a key of COMPONENTS) in a pipeline folder."""
     component = COMPONENTS[name]
-    path = os.path.join(folder, name, "config.json")
+    path = storage.join(folder, name, "config.json")
     raw = read_json(path)
     declared = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
     if declared is not None and declared not in component.class_names:
@@ -162,28 +170,29 @@ def read_component_config(folder: str, name: str) -> Any:
 
 def _read_weights(directory: str, stem: str, variant: str | None, allow_pickle: bool) -> tuple[dict, str]:
     stem = f"{stem}.{variant}" if variant else stem
-    single = os.path.join(directory, f"{stem}.safetensors")
-    if os.path.isfile(single):
+    single = storage.join(directory, f"{stem}.safetensors")
+    if storage.isfile(single):
         return read_safetensors(single), single
     index_path = single + ".index.json"
-    if os.path.isfile(index_path):  # sharded: {"weight_map": {key: shard file}}
+    if storage.isfile(index_path):  # sharded: {"weight_map": {key: shard file}}
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: no weight_map")
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(os.path.join(directory, shard)))
+            tensors.update(read_safetensors(storage.join(directory, shard)))
         return tensors, index_path
     for ext in (".bin", ".ckpt", ".pt"):
-        pickled = os.path.join(directory, stem + ext)
-        if os.path.isfile(pickled):
+        pickled = storage.join(directory, stem + ext)
+        if storage.isfile(pickled):
             return read_pickle_weights(pickled, allow_pickle), pickled
     raise CheckpointError(f"{single}: not found (no weights for this component)")
 
 
 def read_pickle_weights(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     """The tensors of a PyTorch pickle (its "state_dict" where it wraps one), as numpy arrays; refused
-    unless the user allows pickles."""
+    unless the user allows pickles. A remote file is read into memory first (torch.load needs a seekable
+    file)."""
     if not allow_pickle:
         raise CheckpointError(f"{path}: pickle weights are not read by default because unpickling can run code; "
                               "pass allow_pickle=True if you trust this file")
@@ -191,7 +200,8 @@ def read_pickle_weights(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading pickle weights needs PyTorch installed") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+    state = torch.load(source, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()
             if isinstance(v, torch.Tensor)}
@@ -204,7 +214,7 @@ def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: 
     tensor beside the placed ones."""
     component = COMPONENTS[name]
     config = read_component_config(folder, name)
-    tensors, source = _read_weights(os.path.join(folder, name), component.weights, variant, allow_pickle)
+    tensors, source = _read_weights(storage.join(folder, name), component.weights, variant, allow_pickle)
     state_dict = {}
     for key, value in tensors.items():
         ours = component.normalize_key(key)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
 
 import ml_dtypes
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
+
+from sdjax import storage
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -34,32 +35,35 @@ class _ReadOnlyMapping(mmap.mmap):
     """A file mapped by read_safetensors (read-only, shared): the only mappings release_pages touches."""
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as read-only numpy arrays (memory-mapped, not copied; see
-    `release_pages`)."""
+def _read_header(path: str) -> tuple[dict, int, int]:
+    """(header without __metadata__ checked to be a JSON object, its length, the file's size) of a
+    .safetensors file, local or remote (only the header's bytes are read)."""
     try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        size = storage.size(path)
+    except OSError as e:  # FileNotFoundError, PermissionError, a store's own errors
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if size < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes "
-                                  f"in a file of {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    (header_len,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
+    if 8 + header_len > size:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes "
+                              f"in a file of {size})")
+    try:
+        header = json.loads(storage.read_range(path, 8, 8 + header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    with open(path, "rb") as f:
-        mapped = _ReadOnlyMapping(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
-    available = size - 8 - header_len
+    return header, header_len, size
+
+
+def _tensors(path: str, header: dict, buffer, data_start: int, available: int) -> dict[str, np.ndarray]:
+    """The tensors `header` describes as views of `buffer` (whose data section starts at `data_start` and
+    holds `available` bytes), every entry checked."""
     tensors = {}
     for name, info in header.items():
+        if name == "__metadata__":
+            continue
         try:
             dtype = DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
@@ -72,20 +76,34 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if end > available:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} "
                                   f"of the data but the file holds {available}")
-        raw = (np.frombuffer(mapped, np.uint8, count=end - start, offset=8 + header_len + start) if end > start
+        raw = (np.frombuffer(buffer, np.uint8, count=end - start, offset=data_start + start) if end > start
                else np.zeros(0, np.uint8))
         tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
 
-def read_safetensors_metadata(path: str) -> dict[str, str]:
-    """The `__metadata__` strings of a .safetensors file's header ({} where it has none)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as read-only numpy arrays: of a local file memory-mapped, not
+    copied (see `release_pages`); of a remote one (gs://...) views into the whole file, read once into
+    memory in large concurrent requests (sdjax.storage.read_bytes)."""
+    header, header_len, size = _read_header(path)
+    data_start = 8 + header_len
+    if storage.is_remote(path):
         try:
-            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+            data = storage.read_bytes(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        buffer = memoryview(data).toreadonly()  # read-only views, as the mapping's are
+        return _tensors(path, header, buffer, data_start, len(buffer) - data_start)
+    with open(path, "rb") as f:
+        mapped = _ReadOnlyMapping(f.fileno(), 0, access=mmap.ACCESS_READ) if size > data_start else None
+    return _tensors(path, header, mapped, data_start, size - data_start)
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` strings of a .safetensors file's header ({} where it has none); reads only the
+    header, also of a remote file."""
+    metadata = _read_header(path)[0].get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: corrupt safetensors metadata (not a JSON object)")
     return {str(k): str(v) for k, v in metadata.items()}

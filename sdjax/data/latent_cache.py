@@ -16,15 +16,21 @@ The moments are stored as float32, not float16: they are then exactly what the i
 so a cached run is the uncached run (up to the encoder's batch composition), and they are still small
 (at f8, 2 x 4-8 latent channels are 1/24-1/12 of the float32 pixels they replace). float16 would
 round them by up to 5e-4 relative, a change of the training data that this switch should not make.
+
+The folder may be a gs:// (or other fsspec) URL: the cache is then built in a local temporary folder and
+uploaded beside storage.PARTIAL (a cut-off upload reads as no cache, and is built again), and read back
+into memory, where a local cache is memory-mapped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -32,7 +38,9 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
+from sdjax import storage
 from sdjax.data.source import image_preprocess, make_source, to_pixels
+from sdjax.data.tfds_builders import object_version
 from sdjax.data.preprocess import Draws, ImageView, caption_values, choose_caption, draw, dropped
 
 FORMAT = 2  # bumped when the files change, so an old cache is rebuilt rather than misread
@@ -53,17 +61,25 @@ def check_cacheable(data_config) -> None:
 class LatentCache:
     """The cache in `folder` as a random-access source: example i is {"latent_mean", "latent_logvar",
     "original_size", "crop_top_left", "captions"}, or None where its image was unreadable (where the
-    pixel stream has None too)."""
+    pixel stream has None too). A local cache is memory-mapped; a remote one (a URL) is read into memory
+    (by every process that opens it: each grain worker too)."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.mean = np.load(os.path.join(folder, "mean.npy"), mmap_mode="r")
-        self.logvar = np.load(os.path.join(folder, "logvar.npy"), mmap_mode="r")
-        self.readable = np.load(os.path.join(folder, "readable.npy"))
-        self.original_size = np.load(os.path.join(folder, "original_size.npy"))
-        self.crop_top_left = np.load(os.path.join(folder, "crop_top_left.npy"))
-        with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
-            self.captions = json.load(f)
+        if storage.is_remote(folder):
+            storage.check_complete(folder)
+            load = lambda name: _npy_in_memory(storage.read_bytes(storage.join(folder, name)))  # noqa: E731
+            self.mean, self.logvar = load("mean.npy"), load("logvar.npy")
+            self.captions = json.loads(storage.read_text(storage.join(folder, "captions.json")))
+        else:
+            load = lambda name: np.load(os.path.join(folder, name))  # noqa: E731
+            self.mean = np.load(os.path.join(folder, "mean.npy"), mmap_mode="r")
+            self.logvar = np.load(os.path.join(folder, "logvar.npy"), mmap_mode="r")
+            with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
+                self.captions = json.load(f)
+        self.readable = load("readable.npy")
+        self.original_size = load("original_size.npy")
+        self.crop_top_left = load("crop_top_left.npy")
 
     def __len__(self) -> int:
         return len(self.readable)
@@ -77,6 +93,20 @@ class LatentCache:
 
     def __reduce__(self):  # grain worker processes reopen the files instead of receiving copies of them
         return LatentCache, (self.folder,)
+
+
+def _npy_in_memory(data: bytes | bytearray) -> np.ndarray:
+    """The array of .npy file contents `data`, a view of them (a cache's moments are not held twice)."""
+    stream = io.BytesIO(memoryview(data)[:1 << 16])
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(data))
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        return np.load(io.BytesIO(data))
+    array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +127,18 @@ class CachedExample:
 def dataset_identity(data_config, source: Sequence[dict]) -> dict[str, Any]:
     """What the split's pixels and captions come from: the dataset's files and the settings that read them."""
     info = source.dataset_info
-    directory = os.path.abspath(os.fspath(info.data_dir))
+    directory = storage.absolute(os.fspath(info.data_dir))
     files = {}
-    for name in sorted(os.listdir(directory)):
-        stat = os.stat(os.path.join(directory, name))
-        files[name] = [stat.st_size, stat.st_mtime_ns]
+    if storage.is_remote(directory):  # names, sizes and versions (GCS: generations), from one listing
+        for entry in storage.filesystem(directory).ls(directory, detail=True):
+            if entry.get("type") != "directory":
+                files[entry["name"].rstrip("/").rsplit("/", 1)[-1]] = [int(entry.get("size") or 0),
+                                                                       object_version(entry)]
+        files = dict(sorted(files.items()))
+    else:
+        for name in sorted(os.listdir(directory)):
+            stat = os.stat(os.path.join(directory, name))
+            files[name] = [stat.st_size, stat.st_mtime_ns]
     return {"dataset": info.full_name, "dataset_dir": directory, "dataset_files": files, "split": data_config.split,
             "examples": len(source), "image_key": data_config.image_key, "caption_key": data_config.caption_key,
             "resolution": int(data_config.resolution), "crop": data_config.crop, "flip": bool(data_config.flip)}
@@ -109,6 +146,10 @@ def dataset_identity(data_config, source: Sequence[dict]) -> dict[str, Any]:
 
 def _saved_identity(folder: str) -> dict[str, Any] | None:
     try:
+        if storage.is_remote(folder):
+            if not storage.is_complete_folder(folder):  # absent, or an upload that was cut off
+                return None
+            return json.loads(storage.read_text(storage.join(folder, "meta.json")))["identity"]
         with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
             return json.load(f)["identity"]
     except (OSError, ValueError, KeyError):  # absent or not ours: rebuilt like a stale one
@@ -119,7 +160,8 @@ def ensure_latent_cache(folder: str, data_config, encode: Encode, identity: dict
                         progress: bool = True) -> None:
     """Makes `folder` hold data.split encoded by `encode` (in chunks of `chunk` images): kept if its
     meta.json records this `identity` (the encoder's: VAE config, weights, dtype) and this dataset,
-    else (re)built in folder.tmp and renamed into place, so a build cut short leaves no cache."""
+    else (re)built in folder.tmp and renamed into place, so a build cut short leaves no cache (a remote
+    `folder`: built in a local temporary folder, then uploaded in place of the old one)."""
     check_cacheable(data_config)
     source = make_source(data_config)
     identity = json.loads(json.dumps({"format": FORMAT, **identity, **dataset_identity(data_config, source)}))
@@ -133,16 +175,29 @@ def ensure_latent_cache(folder: str, data_config, encode: Encode, identity: dict
     print(f"latent cache: encoding the {len(source)} images of data.split {data_config.split!r} into {folder}",
           flush=True)
     start_time = time.perf_counter()
-    staging = folder + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    if storage.is_remote(folder):
+        with tempfile.TemporaryDirectory(prefix="sdjax-latent-cache-") as staging:
+            unreadable = _write_all(staging, source, data_config, encode, identity, chunk, progress)
+            storage.remove(folder)  # the stale cache, or what a cut-off upload left
+            storage.upload_folder(staging, folder)
+    else:
+        staging = folder + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        unreadable = _write_all(staging, source, data_config, encode, identity, chunk, progress)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(staging, folder)
+    print(f"latent cache: {len(source) - unreadable} images encoded ({unreadable} unreadable, skipped) in "
+          f"{time.perf_counter() - start_time:.1f}s", flush=True)
+
+
+def _write_all(staging: str, source: Sequence[dict], data_config, encode: Encode, identity: dict[str, Any],
+               chunk: int, progress: bool) -> int:
+    """The whole cache, meta.json last, written into local folder `staging`; returns the unreadable count."""
     unreadable = _write(staging, source, data_config, encode, chunk, progress)
     with open(os.path.join(staging, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"identity": identity, "examples": len(source), "unreadable": unreadable}, f, indent=1)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(staging, folder)
-    print(f"latent cache: {len(source) - unreadable} images encoded ({unreadable} unreadable, skipped) in "
-          f"{time.perf_counter() - start_time:.1f}s", flush=True)
+    return unreadable
 
 
 class _Read:

@@ -5,6 +5,10 @@
 
 The printed directory is what `tfds.builder_from_directory` (and the "folder"/"shapes" sources of
 sdjax.data.source) read. Building again with the same options is a no-op.
+
+--src and --data_dir may be gs:// (or other fsspec) URLs. ArrayRecord files cannot be written to a
+store directly, so a dataset for a remote data_dir is built in a local temporary folder and uploaded
+(beside storage.PARTIAL until complete: a cut-off upload is built again).
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import argparse
 import inspect
 import os
 import sys
+import tempfile
+
+from sdjax import storage
 
 KINDS = ("shapes", "folder")
 
@@ -43,10 +50,48 @@ def prepare(kind: str, data_dir: str, **options) -> str:
         raise ValueError(f"unknown option {unknown[0]!r} for kind {kind!r}; accepted: {', '.join(accepted)}")
     if kind == "folder" and not options.get("src"):
         raise ValueError("kind 'folder' needs the option src (the image folder)")
-    builder = builder_cls(config=make_config(**options), data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"), file_format="array_record")
-    return builder.data_dir
+    if storage.is_remote(data_dir):
+        storage._check_credentials(data_dir)  # one line, not a wait on a metadata server
+        point_array_record_at_emulator()
+    config = make_config(**options)
+    builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+    if not storage.is_remote(data_dir):
+        if not builder.is_prepared():
+            builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"), file_format="array_record")
+        return builder.data_dir
+    target = os.fspath(builder.data_dir)
+    if builder.is_prepared() and storage.is_complete_folder(target):
+        return target
+    storage.check_writable(data_dir, "data_dir")
+    with tempfile.TemporaryDirectory(prefix="sdjax-dataset-") as tmp:
+        local = builder_cls(config=config, data_dir=tmp, file_format="array_record")
+        local.download_and_prepare(download_dir=os.path.join(tmp, "downloads"), file_format="array_record")
+        storage.remove(target)  # what a cut-off upload left
+        storage.upload_folder(os.fspath(local.data_dir), target)
+    return target
+
+
+# The CLOUD_STORAGE_EMULATOR_ENDPOINT that point_array_record_at_emulator set, if any.
+_endpoint_set: list[str] = []
+
+
+def point_array_record_at_emulator() -> None:
+    """ArrayRecord reads gs:// with Google Cloud's C++ client, which finds a storage emulator through
+    CLOUD_STORAGE_EMULATOR_ENDPOINT, where gcsfs (sdjax.storage, TFDS's metadata) finds it through
+    STORAGE_EMULATOR_HOST: with only the latter set, ArrayRecord would wait on the real service. The one
+    emulator is given to both (following STORAGE_EMULATOR_HOST while it changes; a value the user set
+    is left alone)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    current = os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT")
+    if current and current not in _endpoint_set:
+        return
+    if host:
+        endpoint = host if "://" in host else f"http://{host}"
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = endpoint
+        _endpoint_set[:] = [endpoint]
+    elif current:
+        del os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"]
+        _endpoint_set.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ several hosts sharing one data_dir, build it beforehand with `python -m sdjax.da
 that the hosts do not all write it at once. Unreadable images are logged and skipped; the count
 is `sdjax.data.preprocess.unreadable_images_skipped()`, which includes the images the build of an
 opened dataset skipped (an image folder's corrupt files never reach the pipeline).
+
+data.data_dir and data.folder.src may be gs:// (or other fsspec) URLs; see prepare.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sdjax.data.prepare import default_data_dir, prepare
+from sdjax import storage
+from sdjax.data.prepare import default_data_dir, point_array_record_at_emulator, prepare
 from sdjax.data.preprocess import CROPS, Preprocess, caption_values, record_skipped_at_build
 from sdjax.data.tfds_builders import skipped_at_build
 
@@ -93,6 +96,9 @@ def make_source(data_config) -> Sequence[dict]:
     Checks the dataset, split and feature keys first, and names whichever is missing.
     """
     _check_config(data_config)
+    if storage.is_remote(data_config.data_dir):
+        storage._check_credentials(data_config.data_dir)  # one line, not a wait on a metadata server
+        point_array_record_at_emulator()
     builder = _open_builder(data_config)
     info = builder.info
     record_skipped_at_build(info.full_name, skipped_at_build(info))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import zlib
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import sdjax
+from sdjax import storage
 from sdjax.convert.diffusers import COMPONENTS, default_model_index, load_component
 from sdjax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdjax.models.params import init_params
@@ -56,7 +58,7 @@ def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[
     if model.text_encoder_from:
         configs["text_encoder"], params["text_encoder"] = _stage_component(model.text_encoder_from, "text_encoder",
                                                                            "model.text_encoder_from")
-        tokenizer = load_tokenizer(os.path.join(model.text_encoder_from, "tokenizer"))
+        tokenizer = load_tokenizer(storage.join(model.text_encoder_from, "tokenizer"))
     else:
         tokenizer = scratch_tokenizer(model, workdir)
         configs["text_encoder"] = text_config(architecture, tokenizer)
@@ -69,9 +71,15 @@ def scratch_components(model: ml_collections.ConfigDict, workdir: str) -> tuple[
 
 
 def scratch_tokenizer(model: ml_collections.ConfigDict, workdir: str):
-    """model.tokenizer (a folder), or a byte-level BPE without merges written to workdir/tokenizer."""
-    return (load_tokenizer(model.tokenizer) if model.tokenizer
-            else write_bpe_tokenizer(os.path.join(workdir, "tokenizer")))
+    """model.tokenizer (a folder), or a byte-level BPE without merges written to workdir/tokenizer (to a
+    temporary folder when the workdir is in a bucket: the files only serve to build the tokenizer, which
+    the export writes out itself)."""
+    if model.tokenizer:
+        return load_tokenizer(model.tokenizer)
+    if storage.is_remote(workdir):
+        with tempfile.TemporaryDirectory(prefix="sdjax-tokenizer-") as folder:
+            return write_bpe_tokenizer(folder)
+    return write_bpe_tokenizer(os.path.join(workdir, "tokenizer"))
 
 
 def text_config(architecture: dict, tokenizer) -> CLIPTextConfig:
@@ -81,7 +89,7 @@ def text_config(architecture: dict, tokenizer) -> CLIPTextConfig:
 
 
 def _stage_component(folder: str, name: str, key: str) -> tuple[object, dict]:
-    if not os.path.isdir(os.path.join(folder, name)):
+    if not storage.isdir(storage.join(folder, name)):
         raise ValueError(f"{key}: {folder} has no {name}/ folder (expected a trained stage's export)")
     return load_component(folder, name)
 

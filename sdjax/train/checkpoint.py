@@ -10,13 +10,13 @@ prediction type) must match the run's, so a workdir is never resumed into a diff
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sdjax import storage
 from sdjax.train.step import TrainState
 
 
@@ -46,7 +46,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = storage.join(storage.absolute(workdir), "checkpoints")  # Orbax writes URLs itself
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "model"))
 
     def latest_step(self) -> int | None:
@@ -94,7 +94,7 @@ class Checkpoints:
 def read_state(workdir: str, step: int) -> dict[str, Any]:
     """The state saved at `step` in a run's workdir as host numpy arrays, whatever mesh saved it
     (restored onto this process's first device: for inspection and tests, not for big models)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    directory = storage.join(storage.absolute(workdir), "checkpoints", str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(directory).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

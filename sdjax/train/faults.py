@@ -4,6 +4,8 @@ at `step`:
     step  SIGKILLs this process right after the step's computation is dispatched (mid-step; earlier
           checkpoint saves are let finish first, so the test knows where the run resumes)
     save  SIGKILLs it right after that step's checkpoint save has started (mid-save)
+    export  SIGKILLs it in the export to a bucket that follows that (last) step, once the upload has begun
+          (mid-export)
     nan   after that step, puts a NaN into the trained parameters (the first element of their first
           leaf), as a diverging update would; the run must then refuse to checkpoint or export them
 
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-POINTS = ("step", "save", "nan")
+POINTS = ("step", "save", "export", "nan")
 
 
 def _target() -> tuple[str, int] | None:

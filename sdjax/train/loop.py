@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Callable, Iterator
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sdjax import storage
 from sdjax.data.pipeline import make_iterator
 from sdjax.data.source import make_source
 from sdjax.data.preprocess import unreadable_images_skipped
@@ -176,17 +178,28 @@ def refuse_untrained(state: TrainState) -> None:
 
 def export(task: Task, state: TrainState, folder: str, checkpoints: Checkpoints) -> None:
     """Writes the EMA weights (with the frozen networks) in the task's layout (every process calls
-    this; process 0 writes), or raises TrainingError, writing nothing, if they are not finite."""
+    this; process 0 writes), or raises TrainingError, writing nothing, if they are not finite.
+
+    Into a bucket: written locally, then uploaded with storage.upload_folder, whose marker keeps a cut-off
+    upload from reading as an export (the next run deletes it and exports again)."""
     refuse_non_finite(state, checkpoints, "exported")
     params = to_host({**state.frozen, **state.ema})
-    if jax.process_index() == 0:
+    if jax.process_index() != 0:
+        return
+    if not storage.is_remote(folder):
         task.export(params, folder)
+        return
+    storage.remove(folder)  # what a cut-off upload left
+    with tempfile.TemporaryDirectory(prefix="sdjax-export-") as tmp:
+        local = os.path.join(tmp, "export")
+        task.export(params, local)
+        storage.upload_folder(local, folder, on_marker=lambda: faults.maybe_kill("export", int(state.step)))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     lead = jax.process_index() == 0
     if lead:  # builds "shapes"/"folder" datasets once; a missing dataset or feature key fails here
         make_source(config.data)
@@ -205,8 +218,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if latest is not None:
         checkpoints.check_model(latest, model_id)
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=2))
 
     tx = make_optimizer(config.optimizer, config.total_steps)
     state, shardings = create_state(task.networks, task.params, task.trained, config, tx, mesh)
@@ -233,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     peak = measured_peak_flops(config.model.dtype)  # one device's
     schedule = tx.schedule  # the learning rate logged is the one the update uses
 
-    writer = MetricWriter(os.path.join(workdir, "logs"), enabled=lead)
+    writer = MetricWriter(storage.join(workdir, "logs"), enabled=lead)
     progress = Progress(config.total_steps, int(state.step), enabled=lead and config.log.progress_bar)
     step = int(state.step)
     window: list[dict] = []
@@ -272,6 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 refuse_non_finite(state, checkpoints, "saved")
                 checkpoints.save(state, data.get_state(), model_id)
+                writer.flush()  # a bucket's logs are uploaded with each checkpoint
                 faults.maybe_kill("save", step)
             if step < config.total_steps:  # after the save, whose data state must not count this batch
                 batch = global_batch(next(data), mesh, rules)  # loads while the dispatched step runs
@@ -284,8 +297,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if lead:
                 print("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
             logged = {**logged, **{f"eval/{k}": v for k, v in scores.items()}}
-        export_dir = os.path.join(workdir, "export")
-        if config.export.at_end and not os.path.exists(export_dir):
+        export_dir = storage.join(workdir, "export")
+        if config.export.at_end and not storage.is_complete_folder(export_dir):
             export(task, state, export_dir, checkpoints)
             if lead:
                 weights = "EMA weights" if config.optimizer.ema_decay else "trained weights (no EMA)"
@@ -300,5 +313,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def summary(workdir: str) -> list[dict[str, Any]]:
     """The metrics a run logged (logs/metrics.jsonl), one dict per logging step."""
-    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = storage.read_text(storage.join(workdir, "logs", "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -6,8 +6,12 @@ TensorBoard shows it as NaN/inf).
 
 Why tensorboardX: it is maintained and needs only protobuf and numpy. Its pieces are used synchronously
 (EventsWriter, summary protos): its SummaryWriter queues events for a thread, and its flush() does not
-wait for that queue, so an event written just before a kill or a read could be missing. For a workdir
-in a cloud bucket note that its GCS writer re-uploads the whole event file at every flush.
+wait for that queue, so an event written just before a kill or a read could be missing.
+
+A logdir in a bucket (gs://...; object stores cannot append): the files are written in a local folder
+and uploaded whole, at most every UPLOAD_SECONDS and at every `flush` (the training loop flushes at each
+checkpoint) and `close`; a resumed run first downloads the metrics.jsonl it continues. So a killed run
+loses at most the last UPLOAD_SECONDS of logs in the bucket, not its checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from types import TracebackType
 
@@ -24,9 +30,12 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 
+from sdjax import storage
+
 EVENT_FILE_PREFIX = "events.out.tfevents"
 JSONL_NAME = "metrics.jsonl"
 RESERVED_JSON_KEYS = ("step", "time")
+UPLOAD_SECONDS = 30.0
 
 
 def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
@@ -81,12 +90,21 @@ class MetricWriter:
         self.enabled = enabled
         self._events: EventsWriter | None = None
         self._jsonl = None
+        self._local = None  # the local folder the files are written in, for a logdir in a bucket
+        self._uploaded = 0.0
         if not enabled:
             return
-        os.makedirs(logdir, exist_ok=True)
+        folder = logdir
+        if storage.is_remote(logdir):
+            folder = self._local = tempfile.mkdtemp(prefix="sdjax-logs-")
+            remote_jsonl = storage.join(logdir, JSONL_NAME)
+            if storage.exists(remote_jsonl):  # a resumed run continues its file
+                with open(os.path.join(folder, JSONL_NAME), "wb") as f:
+                    f.write(storage.read_bytes(remote_jsonl))
+        os.makedirs(folder, exist_ok=True)
         # Named by the second and the host; the suffix keeps writers apart, in the order they started.
-        self._events = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
-        self._jsonl = open(os.path.join(logdir, JSONL_NAME), "a", encoding="utf-8")
+        self._events = EventsWriter(os.path.join(folder, "events"), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+        self._jsonl = open(os.path.join(folder, JSONL_NAME), "a", encoding="utf-8")
 
     def _write(self, step: int, wall_time: float, summaries: list[Summary]) -> None:
         """One event holding every value of `summaries`, flushed to the OS."""
@@ -95,6 +113,7 @@ class MetricWriter:
         values = [value for s in summaries for value in s.value]
         self._events.write_event(Event(wall_time=wall_time, step=step, summary=Summary(value=values)))
         self._events.flush()
+        self._upload(force=False)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Writes `scalars` at `step` to the event file and as one line of metrics.jsonl (non-finite -> null)."""
@@ -110,6 +129,7 @@ class MetricWriter:
         record = {"step": step, "time": wall_time, **{t: _json_safe(v) for t, v in values.items()}}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
+        self._upload(force=False)
 
     def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         """Writes PNG images at `step`: (H, W), (H, W, C) or (N, H, W, C) (tiled with image_grid), C in 1/3/4.
@@ -129,6 +149,16 @@ class MetricWriter:
         self._events.flush()
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
+        self._upload(force=True)
+
+    def _upload(self, force: bool) -> None:
+        """For a logdir in a bucket: copies the local files there whole (if `force` or UPLOAD_SECONDS passed)."""
+        if self._local is None or (not force and time.monotonic() - self._uploaded < UPLOAD_SECONDS):
+            return
+        for name in sorted(os.listdir(self._local)):
+            with open(os.path.join(self._local, name), "rb") as f:
+                storage.write_bytes(storage.join(self.logdir, name), f.read())
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         """Flushes and closes the files; calling it again does nothing."""
@@ -139,6 +169,9 @@ class MetricWriter:
         self._jsonl.close()
         self._events = None
         self._jsonl = None
+        if self._local is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
 
     def __enter__(self) -> MetricWriter:
         return self

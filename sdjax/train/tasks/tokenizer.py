@@ -8,6 +8,7 @@ import shutil
 
 import ml_collections
 
+from sdjax import storage
 from sdjax.data.source import all_captions
 from sdjax.train.tasks.task import Task, refuse_latent_cache
 
@@ -23,13 +24,18 @@ def fit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     to workdir/export (vocab.json + merges.txt, read like any checkpoint's). Returns the folder."""
     from sdjax.tokenizer import train_tokenizer
 
-    folder = os.path.join(workdir, "export")
-    if not os.path.isdir(folder):
+    folder = storage.join(workdir, "export")
+    if not storage.is_complete_folder(folder):
         texts = all_captions(config.data, config.tokenizer.num_captions)
         merges = None if config.tokenizer.num_merges < 0 else config.tokenizer.num_merges
-        staging = folder + ".tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        tokenizer = train_tokenizer(texts, staging, merges, config.tokenizer.min_frequency)
-        os.rename(staging, folder)  # complete or absent, like every export
+        if storage.is_remote(folder):  # written locally, then uploaded (a cut-off upload is written again)
+            storage.remove(folder)
+            with storage.staged_folder(folder) as staging:
+                tokenizer = train_tokenizer(texts, staging, merges, config.tokenizer.min_frequency)
+        else:
+            staging = folder + ".tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            tokenizer = train_tokenizer(texts, staging, merges, config.tokenizer.min_frequency)
+            os.rename(staging, folder)  # complete or absent, like every export
         print(f"tokenizer: {len(tokenizer)} tokens learnt from {len(texts)} captions, written to {folder}")
     return folder

@@ -199,9 +199,9 @@ def _prepare_data(config: ml_collections.ConfigDict, model: Model, workdir: str)
         return None
 
     def prepare_data(frozen: dict) -> str:
-        folder = os.path.join(workdir, "latent_cache")
+        folder = os.path.join(workdir, "latent_cache")  # a URL too (posix join)
         vae_params = to_host(frozen["vae"])  # a gather every process takes part in
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:  # builds (a gs:// workdir: and uploads) it; the others then read it
             cache_latents(config, folder, model.vae, vae_params)
         sync_processes("latent cache ready")
         return folder
