@@ -3,9 +3,6 @@ tokenizer/ folder that the later from-scratch stages read."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import ml_collections
 
 from sdjax import storage
@@ -28,14 +25,8 @@ def fit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     if not storage.is_complete_folder(folder):
         texts = all_captions(config.data, config.tokenizer.num_captions)
         merges = None if config.tokenizer.num_merges < 0 else config.tokenizer.num_merges
-        if storage.is_remote(folder):  # written locally, then uploaded (a cut-off upload is written again)
-            storage.remove(folder)
-            with storage.staged_folder(folder) as staging:
-                tokenizer = train_tokenizer(texts, staging, merges, config.tokenizer.min_frequency)
-        else:
-            staging = folder + ".tmp"
-            shutil.rmtree(staging, ignore_errors=True)
+        storage.remove(folder)  # what a cut-off upload left
+        with storage.staged_folder(folder) as staging:  # complete or absent, like every export
             tokenizer = train_tokenizer(texts, staging, merges, config.tokenizer.min_frequency)
-            os.rename(staging, folder)  # complete or absent, like every export
         print(f"tokenizer: {len(tokenizer)} tokens learnt from {len(texts)} captions, written to {folder}")
     return folder
