@@ -29,6 +29,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdjax import storage
 from sdjax.cli import absl_flags_parser, check_output_file, define_config_file
 
 _CONFIG = define_config_file("config", "a configs/*.py file, optionally file.py:arg")
@@ -149,8 +150,7 @@ def main(argv: list[str]) -> int:
         plan.finish(report)
         print(plan.format_report(report))
         if _JSON.value:
-            with open(_JSON.value, "w") as f:
-                json.dump(report, f, indent=2)
+            storage.write_text(_JSON.value, json.dumps(report, indent=2))
     except (ValueError, OSError, CheckpointError) as e:
         print(f"plan.py: error: {e}", file=sys.stderr)
         return 2

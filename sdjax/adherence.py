@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import sys
 from typing import Any, Sequence
@@ -35,9 +34,9 @@ import numpy as np
 from scipy import ndimage
 
 import sdjax
-from sdjax.cli import OneLineParser
+from sdjax.cli import OneLineParser, check_output_dir
 from sdjax.data.shapes import BACKGROUNDS, COLORS, RGB, SHAPES, SIZE_FRACTION, SIZES, caption, make_example
-from sdjax import backends
+from sdjax import backends, storage
 
 ATTRIBUTES = ("shape", "color", "size", "background")
 NONE = "none"  # the attribute value reported when no shape is found: it matches no prompt
@@ -383,7 +382,9 @@ def _check_args(args: argparse.Namespace) -> list[float]:
         if args.resolution < 8:
             raise ValueError(f"--resolution must be >= 8, got {args.resolution}")
         return []
-    if not os.path.isdir(args.model):
+    if storage.is_remote(args.model):
+        storage.check_readable(args.model, "--model")
+    if not storage.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
     if not 1 <= args.num_prompts <= len(all_prompts()):
         raise ValueError(f"--num-prompts must be in [1, {len(all_prompts())}], got {args.num_prompts}")
@@ -392,8 +393,8 @@ def _check_args(args: argparse.Namespace) -> list[float]:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.scheduler and args.scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler {args.scheduler!r} is unknown; known: {', '.join(SCHEDULERS)}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    if args.out:
+        check_output_dir(args.out, "--out")  # a gs:// URL too
     return _parse_guidance(args.guidance)
 
 
@@ -406,8 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table({f"{args.resolution}px": dataset_accuracy(args.data_check, args.resolution,
                                                                          args.data_seed)}, label="data"))
             return 0
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)  # before the long run, so an unwritable --out fails now
         sd = sdjax.load(args.model)
     except (ValueError, OSError, sdjax.CheckpointError) as e:
         print(f"python -m sdjax.adherence: error: {e}", file=sys.stderr)
@@ -416,13 +415,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.scheduler, args.batch_size)
     print(format_table(out["results"]))
     if args.out:
+        import io
+
         from PIL import Image
 
+        storage.makedirs(args.out)
         for g, images in out["images"].items():
             for kind, picture in (("contact", contact_sheet(images, out["prompts"])),
                                   ("grid", labelled_grid(images, out["prompts"]))):
-                path = os.path.join(args.out, f"{kind}-guidance-{g:g}.png")
-                Image.fromarray(picture).save(path)
+                path = storage.join(args.out, f"{kind}-guidance-{g:g}.png")
+                buffer = io.BytesIO()
+                Image.fromarray(picture).save(buffer, format="PNG")
+                storage.write_bytes(path, buffer.getvalue())
                 print(f"wrote {path}")
     return 0
 

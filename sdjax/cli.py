@@ -197,7 +197,11 @@ def check_output_dir(path: str, flag: str) -> None:
 
 def check_output_file(path: str, flag: str) -> None:
     """Raises ValueError naming `flag` unless `path` can be opened for writing: an existing writable
-    file, or a new name in an existing writable directory. Creates nothing."""
+    file, or a new name in an existing writable directory. Creates nothing locally; a URL (gs://...) is
+    checked by writing and deleting one small object beside it (storage.check_writable)."""
+    if storage.is_remote(path):
+        storage.check_writable(path.rsplit("/", 1)[0], flag)
+        return
     full = os.path.abspath(path)
     folder = os.path.dirname(full)
     if os.path.isdir(full):

@@ -17,6 +17,7 @@ and it exposes the ranged and concurrent reads and the plain object PUTs that th
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -115,15 +116,23 @@ def makedirs(path: str) -> None:
 
 
 def remove(path: str) -> None:
-    """Deletes file or folder `path` (recursively) if it exists."""
-    if is_remote(path):
-        fs = filesystem(path)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    elif os.path.isdir(local_path(path)):
-        shutil.rmtree(local_path(path))
-    elif os.path.lexists(local_path(path)):
-        os.remove(local_path(path))
+    """Deletes file or folder `path` (recursively) if it exists; in a folder on a store, PARTIAL goes last,
+    so a removal cut off part-way still reads as a cut-off upload."""
+    if not is_remote(path):
+        if os.path.isdir(local_path(path)):
+            shutil.rmtree(local_path(path))
+        elif os.path.lexists(local_path(path)):
+            os.remove(local_path(path))
+        return
+    fs = filesystem(path)
+    # Listed, then deleted object by object: fsspec's rm would read *, ? and [ in `path` as a pattern and
+    # delete other folders' objects (a workdir named "exp[1]" would take "exp1" with it).
+    objects = fs.find(path) if fs.isdir(path) else ([path] if fs.isfile(path) else [])
+    objects.sort(key=lambda name: posixpath.basename(name) == PARTIAL)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(fs.rm_file, objects[:-1]))
+    if objects:
+        fs.rm_file(objects[-1])
 
 
 def read_bytes(path: str) -> bytearray | bytes:
@@ -146,6 +155,9 @@ def read_bytes(path: str) -> bytearray | bytes:
         for start, part in zip(starts[i:i + batch], parts):
             if isinstance(part, Exception):
                 raise part
+            if len(part) != min(CHUNK_BYTES, size - start):  # e.g. the object was rewritten meanwhile
+                raise StorageError(f"{path}: read {len(part)} bytes at offset {start} where "
+                                   f"{min(CHUNK_BYTES, size - start)} were expected (did it change while read?)")
             buffer[start:start + len(part)] = part
     return buffer
 
@@ -298,8 +310,16 @@ def check_readable(url: str, what: str) -> None:
             problem = (f"no such bucket {bucket!r}" if not fs.exists(url.split("://")[0] + "://" + bucket)
                        else "no such file or folder")
             raise StorageError(f"{what} {url}: {problem}")
-    except PermissionError as e:
-        raise StorageError(f"{what} {url}: no permission to read ({e})") from None
+    except StorageError:
+        raise
+    except Exception as e:  # gcsfs: OSError("Forbidden: ...") for 403, its HttpError for bad credentials
+        raise StorageError(f"{what} {url}: cannot read ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message (store clients give several)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def check_writable(url: str, what: str) -> None:
@@ -314,7 +334,5 @@ def check_writable(url: str, what: str) -> None:
         fs.rm_file(probe)
     except FileNotFoundError:
         raise StorageError(f"{what} {url}: no such bucket {_bucket(url)!r}") from None
-    except PermissionError as e:
-        raise StorageError(f"{what} {url}: no permission to write ({e})") from None
-    except OSError as e:
-        raise StorageError(f"{what} {url}: cannot write ({e})") from None
+    except Exception as e:  # gcsfs: OSError("Forbidden: ...") for 403, its HttpError for bad credentials
+        raise StorageError(f"{what} {url}: cannot write ({_first_line(e)})") from None

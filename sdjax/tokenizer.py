@@ -7,6 +7,7 @@ import gzip
 import heapq
 import json
 import os
+import posixpath
 import re
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def load_tokenizer(folder: str):
     CLIPTokenizer = _clip_tokenizer_class()
     remote = storage.is_remote(folder)
     names = set(storage.listdir(folder)) if remote else None
+    if remote:  # a cut-off upload of this folder, or of the model folder it is part of
+        storage.check_complete(folder)
+        storage.check_complete(posixpath.dirname(folder.rstrip("/")))
     has = (lambda name: name in names) if remote else (lambda name: os.path.isfile(os.path.join(folder, name)))
     if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
         raise CheckpointError(f"{folder}: no tokenizer found (needs vocab.json and merges.txt, or tokenizer.json)")

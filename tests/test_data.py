@@ -413,6 +413,19 @@ def test_image_folder_is_prepared_and_read(tmp_path, layout):
     assert {detokenize(r) for r in batches[0]["input_ids"]} == {t[:MAX_LEN - 2] for t in captions.values()}
 
 
+def test_metadata_captions_keep_unicode_line_separators(tmp_path):
+    """JSON written with ensure_ascii=False keeps U+2028 / U+0085 raw inside strings: not line breaks."""
+    from sdjax.data.tfds_builders import folder_captions
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a.png")
+    caption = "first\u2028second\u0085third"
+    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": caption}, ensure_ascii=False)
+                                        + "\r\n", encoding="utf-8")
+    assert folder_captions(str(src), ["a.png"]) == {"a.png": caption}
+
+
 def test_image_folder_skips_corrupt_images_at_prepare(tmp_path, caplog):
     src = str(tmp_path / "photos")
     make_folder(src, "txt")

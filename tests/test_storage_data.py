@@ -35,12 +35,13 @@ def tokenize(captions):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, gcs):
     """(local folder, the same folder in a bucket): 12 captioned images of several sizes and modes, one in
-    a subfolder, captions in .txt files beside them."""
+    a subfolder, one with brackets in its name, captions in .txt files beside them."""
     local = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
     (local / "sub").mkdir()
     for i in range(12):
-        name = f"sub/{i:02d}.png" if i == 0 else f"{i:02d}.{'jpg' if i % 3 == 0 else 'png'}"
+        # "[5]": a name fsspec would read as a pattern were it not read literally
+        name = f"sub/{i:02d}.png" if i == 0 else f"{i:02d}{' [5]' if i == 5 else ''}.{'jpg' if i % 3 == 0 else 'png'}"
         shape = (40 + 2 * i, 48, 3) if i % 4 else (36, 36)
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(local / name)
         (local / name).with_suffix(".txt").write_text(f"photo {i}\n")

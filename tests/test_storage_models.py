@@ -142,6 +142,60 @@ def test_cut_off_upload_missing_bucket_and_missing_path_are_one_line(models, gcs
         with pytest.raises(storage.StorageError) as error:
             sdjax.load(path)
         assert message in str(error.value) and "\n" not in str(error.value)
+    # The parts of a cut-off model are refused too (training stages read them one by one).
+    from sdjax.convert.diffusers import load_component
+    from sdjax.tokenizer import load_tokenizer
+
+    with pytest.raises(storage.StorageError, match="an upload that did not finish"):
+        load_component(folder, "unet")
+    with pytest.raises(storage.StorageError, match="an upload that did not finish"):
+        load_tokenizer(f"{folder}/tokenizer")
+
+
+@compat
+def test_read_bytes_refuses_a_short_read(gcs, monkeypatch):
+    path = gcs.bucket("short") + "/blob"
+    _put(path, bytes(3500))
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 1000)
+    fs = storage.filesystem(path)
+    full = fs.cat_ranges
+    monkeypatch.setattr(fs, "cat_ranges", lambda *args, **kwargs: [p[:-1] for p in full(*args, **kwargs)])
+    with pytest.raises(storage.StorageError, match="read 999 bytes at offset 0 where 1000 were expected"):
+        storage.read_bytes(path)
+
+
+@compat
+def test_remove_takes_names_literally_and_the_marker_last(gcs, monkeypatch):
+    """fsspec's rm reads [, * and ? as patterns: removing "exp[1]" must not touch "exp1"."""
+    bucket = gcs.bucket("literal")
+    for name in ("exp[1]/a", "exp[1]/b/c", f"exp[1]/{storage.PARTIAL}", "exp1/a", "exp*/a"):
+        _put(f"{bucket}/{name}", b"x")
+    fs = storage.filesystem(bucket)
+    removed = []
+    rm_file = fs.rm_file
+    monkeypatch.setattr(fs, "rm_file", lambda path: (removed.append(path.rsplit("/", 1)[-1]), rm_file(path)))
+    storage.remove(f"{bucket}/exp[1]")
+    assert gcs.objects("literal") == ["exp*/a", "exp1/a"]
+    assert sorted(removed[:-1]) == ["a", "c"] and removed[-1] == storage.PARTIAL
+    storage.remove(f"{bucket}/exp*/a")
+    assert gcs.objects("literal") == ["exp1/a"]
+
+
+@compat
+def test_store_errors_are_one_line(gcs, monkeypatch):
+    """What gcsfs raises for 403 (an OSError with the service's JSON on further lines) becomes one line."""
+    path = gcs.bucket("private") + "/model"
+    fs = storage.filesystem(path)
+
+    def forbidden(*args, **kwargs):
+        raise OSError('Forbidden: private/model\n{"error": {"code": 403, "message": "no access"}}')
+
+    monkeypatch.setattr(fs, "exists", forbidden)
+    monkeypatch.setattr(fs, "pipe_file", forbidden)
+    for check, verb in ((storage.check_readable, "read"), (storage.check_writable, "write")):
+        with pytest.raises(storage.StorageError) as error:
+            check(path, "--model")
+        assert str(error.value) == f"--model {path}: cannot {verb} (OSError: Forbidden: private/model)"
 
 
 @compat

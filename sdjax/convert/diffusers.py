@@ -213,6 +213,7 @@ def load_component(folder: str, name: str, *, dtype: Any = np.float32, variant: 
     what `place` (e.g. jnp.asarray) makes of each, placed one at a time so that host memory holds about one
     tensor beside the placed ones."""
     component = COMPONENTS[name]
+    storage.check_complete(folder)  # a cut-off upload to a store (read_model_index checks it for whole models)
     config = read_component_config(folder, name)
     tensors, source = _read_weights(storage.join(folder, name), component.weights, variant, allow_pickle)
     state_dict = {}

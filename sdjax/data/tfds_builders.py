@@ -211,10 +211,9 @@ class _Folder:
         for i in range(0, len(names), batch):
             part = names[i:i + batch]
             paths = [self.path(name) for name in part]
-            contents = fs.cat(paths, on_error="return")
-            for name, path in zip(part, paths):
-                # fsspec keys the answer by the path without its protocol.
-                yield name, contents.get(path, contents.get(fs._strip_protocol(path), FileNotFoundError(path)))
+            # cat_ranges, not cat: cat reads *, ? and [ in a file name ("photo [1].jpg") as a pattern.
+            contents = fs.cat_ranges(paths, None, None, on_error="return")
+            yield from zip(part, contents)
 
 
 def object_version(info: dict) -> str:
@@ -249,7 +248,9 @@ def _read_metadata(folder: _Folder, caption_column: str) -> dict[str, str]:
     """file_name -> caption from src/metadata.jsonl (the Hugging Face imagefolder layout)."""
     path = folder.path(METADATA_FILE)
     captions = {}
-    for number, line in enumerate(folder.read_text(METADATA_FILE).splitlines(), start=1):
+    # split("\n"), as reading line by line does: splitlines() would also cut at U+2028 and others that
+    # JSON written with ensure_ascii=False keeps inside strings.
+    for number, line in enumerate(folder.read_text(METADATA_FILE).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -284,7 +285,7 @@ def folder_captions(src: str | _Folder, files: list[str], caption_column: str = 
     for txt, data in folder.read_many(list(texts.values())):
         if isinstance(data, Exception):
             raise data
-        captions[txt] = bytes(data).decode("utf-8").strip()
+        captions[txt] = bytes(data).decode("utf-8").replace("\r\n", "\n").strip()  # as text mode read it
     return {name: captions[txt] for name, txt in texts.items()}
 
 
