@@ -177,9 +177,21 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def sync_processes(name: str) -> None:
-    """Waits until every process reaches this point (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+# Barriers passed so far: each gets a new id (the coordination service does not reuse one), and every
+# process passes the same barriers in the same order.
+_barriers_passed = [0]
+BARRIER_TIMEOUT_S = 24 * 3600  # process 0 may build a dataset or a latent cache for hours meanwhile
 
-        multihost_utils.sync_global_devices(name)
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process).
+
+    A barrier of jax.distributed's coordination service (through Orbax's public helper), not a
+    collective: a collective (multihost_utils.sync_global_devices) on CPU hosts gives up when a peer is
+    30 s late (gloo's key-value wait), which a host building the dataset, or compiling slower, exceeds."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    _barriers_passed[0] += 1
+    multihost.get_barrier_sync_fn()(key=f"sdjax/{_barriers_passed[0]}/{name}", timeout_ms=BARRIER_TIMEOUT_S * 1000)

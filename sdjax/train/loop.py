@@ -247,6 +247,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     writer = MetricWriter(storage.join(workdir, "logs"), enabled=lead)
     progress = Progress(config.total_steps, int(state.step), enabled=lead and config.log.progress_bar)
+    # Hosts compile in their own time and process 0 did more on the way: the first step's collectives
+    # start together (on CPU hosts gloo waits 30 s at most for a peer).
+    sync_processes("train step compiled")
     step = int(state.step)
     window: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
