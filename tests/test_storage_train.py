@@ -1,5 +1,5 @@
 """train.py with its workdir in a bucket (gs://, served by a local GCS emulator): checkpoints, logs and the
-export land there, kills mid-step, mid-checkpoint and mid-export resume bitwise exactly, two processes
+export land there, kills mid-run while a checkpoint is written and mid-export resume bitwise exactly, two processes
 match one, and a bucket that does not exist or missing credentials fail at once in one line."""
 
 import json
