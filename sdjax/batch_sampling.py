@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import os
@@ -50,15 +49,10 @@ def effective_strength(strength: float | None, mask: str | None) -> float:
     return strength or (1.0 if mask else 0.8)
 
 
-def open_image(path: str) -> Image.Image:
-    """PIL's lazily read image of a local file, or of a remote one (gs://...) read into memory."""
-    return Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path)
-
-
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) of an image file, read from its header (a remote file is read whole)."""
     try:
-        with open_image(path) as im:
+        with Image.open(storage.readable(path)) as im:
             return im.height, im.width
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
@@ -67,7 +61,7 @@ def image_size(path: str) -> tuple[int, int]:
 def read_image(path: str, size: tuple[int, int], grayscale: bool = False) -> np.ndarray:
     """An image file as float32 in [0, 1], (H, W, 3) or (H, W) if grayscale; it must be `size` (H, W)."""
     try:
-        with open_image(path) as im:
+        with Image.open(storage.readable(path)) as im:
             pixels = np.asarray(im.convert("L" if grayscale else "RGB"), np.float32) / 255
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None

@@ -21,7 +21,6 @@ Two forms, one formula (`delta`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -78,18 +77,8 @@ def a1111_hash(path: str) -> str:
     """A1111's short LoRA hash: the first 12 hex digits of the SHA-256 of a safetensors file's data after
     its header (the "addnet" hash kohya's scripts also store as sshs_model_hash); of the whole file for
     other formats."""
-    digest = hashlib.sha256()
-    if storage.is_remote(path):
-        data = memoryview(storage.read_bytes(path))
-        start = 8 + int.from_bytes(data[:8], "little") if path.endswith(".safetensors") else 0
-        digest.update(data[start:])
-        return digest.hexdigest()[:12]
-    with open(path, "rb") as f:
-        if path.endswith(".safetensors"):
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    start = 8 + int.from_bytes(storage.read_range(path, 0, 8), "little") if path.endswith(".safetensors") else 0
+    return storage.sha256(path, start)[:12]
 
 
 def module_names(network: str, config: Any, params: Any) -> dict[str, tuple[str, ...]]:

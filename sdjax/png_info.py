@@ -9,12 +9,9 @@ so existing prompt-reader tools understand sdjax's images.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import uuid
 from typing import Any
 
 import numpy as np
@@ -57,31 +54,17 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def save_png(path: str, image: np.ndarray, parameters: str) -> None:
-    """Writes a float [0, 1] (H, W, 3) image atomically (temp file, then rename; to a store (gs://...) as one
-    object) with its parameters."""
+    """Writes a float [0, 1] (H, W, 3) image with its parameters, whole or not at all (storage.write_bytes:
+    renamed into place on a local disk, one object on a store)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if storage.is_remote(path):
-        encoded = io.BytesIO()
-        Image.fromarray(pixels).save(encoded, format="PNG", pnginfo=info)
-        storage.write_bytes(path, encoded.getvalue())
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        # Created exclusively with open() rather than mkstemp, so the image gets the mode any new file
-        # gets (the umask's), not mkstemp's private 0600.
-        with open(tmp, "xb") as f:
-            Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG", pnginfo=info)
+    storage.write_bytes(path, encoded.getvalue())
 
 
 def read_parameters(path: str) -> str:
     """The `parameters` chunk of a PNG written by save_png (or the web UI), local or remote."""
-    with Image.open(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path) as im:
+    with Image.open(storage.readable(path)) as im:
         return im.info["parameters"]

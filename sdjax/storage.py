@@ -20,6 +20,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import hashlib
+import io
 import os
 import posixpath
 import shutil
@@ -160,6 +162,25 @@ def read_bytes(path: str) -> bytearray | bytes:
                                    f"{min(CHUNK_BYTES, size - start)} were expected (did it change while read?)")
             buffer[start:start + len(part)] = part
     return buffer
+
+
+def readable(path: str) -> str | io.BytesIO:
+    """What a reader that takes a path or a binary file (PIL, torch.load) is given: a local file's path
+    (it opens and reads it itself, lazily), or a remote file read whole into memory."""
+    return io.BytesIO(read_bytes(path)) if is_remote(path) else path
+
+
+def sha256(path: str, start: int = 0) -> str:
+    """The hex SHA-256 of a file's bytes from offset `start` (a local file read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    if is_remote(path):
+        digest.update(memoryview(read_bytes(path))[start:])
+        return digest.hexdigest()
+    with open(local_path(path), "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_range(path: str, start: int, end: int) -> bytes:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import io
 import os
 import re
 from typing import Any, Mapping
@@ -68,8 +66,7 @@ def _read_pickle(path: str) -> dict[str, Any]:
     except ImportError:
         raise CheckpointError(f"{path}: reading a pickled embedding needs PyTorch installed") from None
     try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-        data = torch.load(source, map_location="cpu", weights_only=True)
+        data = torch.load(storage.readable(path), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean the same to the user
         raise CheckpointError(f"{path}: cannot read as a PyTorch embedding ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
@@ -130,14 +127,7 @@ def read_embedding(path: str, *, allow_pickle: bool = False) -> Embedding:
 def file_hash(path: str) -> str:
     """A1111's short hash of an embedding file, as its PNG parameters give it ("TI hashes"): the first 12
     hex digits of the SHA-256 of the whole file."""
-    digest = hashlib.sha256()
-    if storage.is_remote(path):
-        digest.update(storage.read_bytes(path))
-        return digest.hexdigest()[:12]
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return storage.sha256(path)[:12]
 
 
 def tokens_of(token: str, count: int) -> tuple[str, ...]:

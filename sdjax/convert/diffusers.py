@@ -14,7 +14,6 @@ Weights load strictly (every tensor used, every parameter found, shapes equal). 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from typing import Any, Callable
@@ -200,8 +199,7 @@ def read_pickle_weights(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading pickle weights needs PyTorch installed") from None
-    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    state = torch.load(storage.readable(path), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()
             if isinstance(v, torch.Tensor)}

@@ -146,12 +146,9 @@ def dataset_identity(data_config, source: Sequence[dict]) -> dict[str, Any]:
 
 def _saved_identity(folder: str) -> dict[str, Any] | None:
     try:
-        if storage.is_remote(folder):
-            if not storage.is_complete_folder(folder):  # absent, or an upload that was cut off
-                return None
-            return json.loads(storage.read_text(storage.join(folder, "meta.json")))["identity"]
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            return json.load(f)["identity"]
+        if storage.is_remote(folder) and not storage.is_complete_folder(folder):  # an upload cut off
+            return None
+        return json.loads(storage.read_text(storage.join(folder, "meta.json")))["identity"]
     except (OSError, ValueError, KeyError):  # absent or not ours: rebuilt like a stale one
         return None
 
