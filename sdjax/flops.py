@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.attention import counting_flops
+from sdjax.models.attention import BLOCKED_SCOPE, counting_flops
 
 
 def compiled_cost(compiled) -> dict[str, float]:
@@ -29,6 +29,12 @@ def compiled_flops(compiled) -> float:
     """FLOPs of one call of a compiled jax program on one device (or of a lowered one, on all), from XLA's
     cost analysis (0 if unavailable), a loop body counted once."""
     return compiled_cost(compiled)["flops"]
+
+
+def loops_over_attention(compiled) -> bool:
+    """Whether a compiled program holds the CPU's blocked attention, a loop over query blocks whose body
+    XLA's cost analysis counts once (its other loops, such as the PRNG's, cost next to nothing)."""
+    return BLOCKED_SCOPE in compiled.as_text()
 
 
 def traced_flops(fn: Callable, *args: Any) -> float:

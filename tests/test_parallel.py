@@ -159,23 +159,26 @@ def test_sampling_matches_one_device(tmp_path, checkpoints):
     assert np.abs(one - eight).max() < 1e-4
 
 
-def test_two_processes_match_one_and_restore_in_one(tmp_path, data_dir, single_device_run):
+def test_two_processes_on_a_bucket_match_one_and_restore_in_one(tmp_path, data_dir, single_device_run, gcs):
     """2 processes x 2 CPU devices (jax.distributed on localhost, gloo collectives), each reading its
-    own rows of every global batch: the same losses and params as one device, and the checkpoint
-    they wrote together restores in this single process."""
+    own rows of every global batch and writing one checkpoint together into a bucket (gs://, a local
+    GCS emulator): the same losses and params as one device, and the checkpoint restores in this single
+    process."""
     import socket
+
+    from sdjax import storage
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workdir = str(tmp_path / "run")
+    workdir = gcs.bucket("multihost") + "/run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", SDJAX_DATA_DIR=data_dir)
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
          "--config.total_steps=3", "--config.batch_size=8", "--config.log.every_steps=1",
          "--config.log.progress_bar=False", "--config.log.preview_every_steps=0", "--config.export.at_end=False",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for i in range(2)]
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -183,10 +186,12 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path, data_dir, single_d
 
     from sdjax.train.checkpoint import read_state
 
-    with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
-        losses = [m["loss"] for m in map(json.loads, f) if "loss" in m]  # vae / clip runs end with eval scores
+    metrics = map(json.loads, storage.read_text(f"{workdir}/logs/metrics.jsonl").splitlines())
+    losses = [m["loss"] for m in metrics if "loss" in m]
     params = [np.asarray(x) for x in jax.tree.leaves(read_state(workdir, 3)["params"])]
     ref_losses, ref_params = single_device_run
+    assert len(losses) == 3
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(params, ref_params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    assert not os.path.exists(tmp_path / "gs:")  # nothing went to a local folder named after the URL

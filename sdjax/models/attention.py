@@ -37,6 +37,9 @@ CPU_BLOCK_LOGITS = 2**21
 CPU_BLOCKED_MIN_LOGITS = 2**20
 
 
+BLOCKED_SCOPE = "cpu_blocked_attention"
+
+
 def _xla_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
     """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
     (batch, length, heads, depth), keys = q.shape, k.shape[1]
@@ -44,7 +47,8 @@ def _xla_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
     if block:
         # Always float32 here, as if upcast: the scale is applied after the cast, like the upcast form.
         heads_major = lambda t: t.astype(jnp.float32).swapaxes(1, 2).reshape(batch * heads, -1, depth)
-        out = _blocked_attention(heads_major(q) * depth**-0.5, heads_major(k), heads_major(v), block)
+        with jax.named_scope(BLOCKED_SCOPE):  # found by name in compiled programs (flops.loops_over_attention)
+            out = _blocked_attention(heads_major(q) * depth**-0.5, heads_major(k), heads_major(v), block)
         return out.reshape(batch, heads, length, depth).swapaxes(1, 2).astype(v.dtype)
     return _full_attention(q, k, v, causal=causal, upcast=upcast)
 

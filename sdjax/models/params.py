@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +43,13 @@ def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
 
 def boxed_abstract_params(module: nn.Module) -> Any:
     """Parameter shapes with their logical-axis metadata (flax LogicallyPartitioned boxes)."""
+    return jax.tree.map(lambda leaf: leaf, _traced_params(module))  # a tree of its own for the caller
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_params(module: nn.Module) -> Any:
+    # Tracing init takes seconds even for small models, and loading, placing, planning and training ask
+    # for the same network's shapes several times; modules are frozen dataclasses, equal by configuration.
     return jax.eval_shape(lambda rng, *xs: module.init(rng, *xs), jax.random.key(0), *example_inputs(module))["params"]
 
 
