@@ -9,7 +9,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.attention import BLOCKED_SCOPE, counting_flops
+from sdjax.models.attention import BLOCKED_SCOPE
+from sdjax.models.layers import counting_flops
+from sdjax.models.winograd import WINOGRAD_SCOPE
 
 
 def compiled_cost(compiled) -> dict[str, float]:
@@ -31,17 +33,20 @@ def compiled_flops(compiled) -> float:
     return compiled_cost(compiled)["flops"]
 
 
-def loops_over_attention(compiled) -> bool:
-    """Whether a compiled program holds the CPU's blocked attention, a loop over query blocks whose body
-    XLA's cost analysis counts once (its other loops, such as the PRNG's, cost next to nothing)."""
-    return BLOCKED_SCOPE in compiled.as_text()
+def counts_short(compiled) -> bool:
+    """Whether XLA's cost analysis of a compiled program falls short of the network's FLOPs because the
+    program holds one of the CPU's own kernels: the blocked attention, a loop over query blocks whose body
+    is counted once (other loops, such as the PRNG's, cost next to nothing), or Winograd convolutions,
+    which compute a convolution with fewer multiplications than it is credited with."""
+    text = compiled.as_text()
+    return BLOCKED_SCOPE in text or WINOGRAD_SCOPE in text
 
 
 def traced_flops(fn: Callable, *args: Any) -> float:
     """FLOPs of `fn(*args)` (arrays or ShapeDtypeStructs; shardings are dropped) over all devices, from XLA's
-    cost analysis of the program lowered afresh (not compiled) with attention in its countable one-op form;
-    unlike `compiled_flops`, this counts every attention of a program whose kernel loops or is a custom
-    call. Raises RuntimeError if XLA reports no FLOPs."""
+    cost analysis of the program lowered afresh (not compiled) with every kernel in its countable one-op
+    form; unlike `compiled_flops`, this counts every attention of a program whose kernel loops or is a
+    custom call, and each convolution as the direct one. Raises RuntimeError if XLA reports no FLOPs."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args)
     # Lowered for the CPU, whose client analyses programs before compiling them; GPU plugin clients
     # (the PJRT C API) do not, and jax then reports no cost at all. So `fn` may not constrain shardings

@@ -71,17 +71,17 @@ def test_query_block_is_the_largest_divisor_within_the_logits_budget():
 
 @pytest.mark.skipif(not single_cpu_device(), reason="the blocked path loops on one CPU device only")
 def test_traced_flops_counts_the_blocked_attention_that_compiled_counts_leave_out():
-    from sdjax.flops import compiled_flops, loops_over_attention, traced_flops
+    from sdjax.flops import compiled_flops, counts_short, traced_flops
 
     args = (jax.ShapeDtypeStruct((2, 1024, 16), jnp.float32),) * 3
     forward = lambda impl: lambda q, k, v: attention.multi_head_attention(q, k, v, 2, impl=impl)
     gradient = lambda impl: jax.grad(lambda *a: forward(impl)(*a).sum(), argnums=(0, 1, 2))
     for fn in (forward, gradient):
         # The train loop re-counts exactly the programs in which the blocked loop survived compilation.
-        assert loops_over_attention(jax.jit(fn("xla")).lower(*args).compile())
-        assert not loops_over_attention(jax.jit(fn("dot")).lower(*args).compile())
+        assert counts_short(jax.jit(fn("xla")).lower(*args).compile())
+        assert not counts_short(jax.jit(fn("dot")).lower(*args).compile())
         short = (jax.ShapeDtypeStruct((2, 64, 16), jnp.float32),) * 3
-        assert not loops_over_attention(jax.jit(fn("xla")).lower(*short).compile())
+        assert not counts_short(jax.jit(fn("xla")).lower(*short).compile())
         looped = compiled_flops(jax.jit(fn("xla")).lower(*args))
         one_op = compiled_flops(jax.jit(fn("dot")).lower(*args))
         # 2 x 2 heads x 1024 x 1024 logits x 8 features x 2 (multiply-add) x 2 matmuls: 134 MFLOP forward.

@@ -11,20 +11,19 @@ Implementations (the `attention_impl` field of every model):
             under a mesh (sdjax.models.splash_attention); elsewhere the same kernel in interpret mode (slow).
   "auto"    "splash" in programs for TPU, "xla" everywhere else: the default of sample.py and train.py.
 New kernels register in ATTENTION_IMPLS.
-Programs traced only to count their FLOPs trace every kernel as plain einsums (`counting_flops`).
+Programs traced only to count their FLOPs trace every kernel as plain einsums (`layers.counting_flops`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import Dtype, dense, single_cpu_device
+from sdjax.models.layers import Dtype, counting, dense, single_cpu_device
 from sdjax.models.splash_attention import on_tpu, splash_attention
 
 
@@ -47,7 +46,7 @@ def _xla_attention(q, k, v, *, causal: bool, upcast: bool) -> jax.Array:
     if block:
         # Always float32 here, as if upcast: the scale is applied after the cast, like the upcast form.
         heads_major = lambda t: t.astype(jnp.float32).swapaxes(1, 2).reshape(batch * heads, -1, depth)
-        with jax.named_scope(BLOCKED_SCOPE):  # found by name in compiled programs (flops.loops_over_attention)
+        with jax.named_scope(BLOCKED_SCOPE):  # found by name in compiled programs (flops.counts_short)
             out = _blocked_attention(heads_major(q) * depth**-0.5, heads_major(k), heads_major(v), block)
         return out.reshape(batch, heads, length, depth).swapaxes(1, 2).astype(v.dtype)
     return _full_attention(q, k, v, causal=causal, upcast=upcast)
@@ -179,26 +178,12 @@ def resolved_impl(name: str) -> str:
     return ("splash" if on_tpu() else "xla") if name == "auto" else name
 
 
-# Part of jax's trace context (unlike a plain context variable), so a function traced inside
-# counting_flops and the same function traced outside never share a cached trace, in either direction.
-_COUNTING_FLOPS = jax.make_user_context(default_value=False)
-
-
-@contextlib.contextmanager
-def counting_flops() -> Iterator[None]:
-    """Attention traced inside this block is the one-op einsum form, whatever the model's kernel: the same
-    attention, in a program whose FLOPs XLA's cost analysis can count (it counts a loop body such as the
-    CPU blocks' once, and a custom call such as cuDNN's not at all). For programs that are counted, not run."""
-    with _COUNTING_FLOPS(True):
-        yield
-
-
 def multi_head_attention(q_blc: jax.Array, k_blc: jax.Array, v_blc: jax.Array, heads: int, *,
                          impl: str = "xla", causal: bool = False, upcast: bool = False) -> jax.Array:
     """Projected q (B, Lq, H*D), k/v (B, Lk, H*D) -> attended values (B, Lq, H*D)."""
     split = lambda t: t.reshape(t.shape[:2] + (heads, t.shape[-1] // heads))
     kernel = attention_fn(impl)  # also when counting: an unknown name fails either way
-    if _COUNTING_FLOPS.value:
+    if counting():
         kernel = _full_attention
     out = kernel(split(q_blc), split(k_blc), split(v_blc), causal=causal, upcast=upcast)
     return out.reshape(out.shape[:2] + (-1,))

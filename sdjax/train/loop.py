@@ -25,7 +25,7 @@ from sdjax import storage
 from sdjax.data.pipeline import make_iterator
 from sdjax.data.source import make_source
 from sdjax.data.preprocess import unreadable_images_skipped
-from sdjax.flops import compiled_flops, loops_over_attention, measured_peak_flops, traced_flops
+from sdjax.flops import compiled_flops, counts_short, measured_peak_flops, traced_flops
 from sdjax.host_memory import release_freed_heap
 from sdjax.models.layers import single_cpu_device
 from sdjax.parallel import activate, batch_divisor, global_batch, make_mesh, sync_processes, to_host
@@ -238,10 +238,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         compiled = step_fn.lower(state, batch).compile()
         release_freed_heap()  # the compiler's memory, before the step's buffers are allocated beside it
         # Per device. XLA counts a loop body once: the scanned micro-batch is multiplied in, and on one CPU
-        # device, where attention of long sequences loops over query blocks, a program with that loop is
-        # traced again (seconds) with its attention in the one-op form. (On GPU, cuDNN attention is a
-        # custom call that the compiled count leaves out.)
-        retrace = single_cpu_device() and loops_over_attention(compiled)
+        # device, where attention of long sequences loops over query blocks and wide 3x3 convolutions take
+        # Winograd's fewer multiplications, a program with either is traced again (seconds) with its kernels
+        # in their one-op forms. (On GPU, cuDNN attention is a custom call that the compiled count leaves out.)
+        retrace = single_cpu_device() and counts_short(compiled)
         flops_per_step = (traced_flops(train_step, state, batch) if retrace
                           else compiled_flops(compiled)) * config.grad_accum_steps
     peak = measured_peak_flops(config.model.dtype)  # one device's
