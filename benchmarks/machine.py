@@ -81,15 +81,23 @@ def describe_machine() -> str:
 
 
 def describe_cpu_kernels(device: str) -> str:
-    """Which library runs XLA:CPU's convolutions in the sdjax workers (sdjax.backends.choose_cpu_kernels)."""
+    """Which kernels run the sdjax workers' convolutions on the CPU: the library (sdjax.backends), Winograd
+    (sdjax.models.layers) and the scheduler."""
     if device != "cpu":
         return ""
+    from sdjax.backends import SCHEDULER_FLAG, YNN_FLAG
+    from sdjax.models.layers import CPU_WINOGRAD_MIN_CHANNELS
+
+    user_flags = os.environ.get("XLA_FLAGS", "")
     added = choose_cpu_kernels(dict(os.environ))
     if added:
-        return f"; XLA:CPU convolutions in XLA's own kernels, dots in YNNPACK ({added}: no AVX-512)"
-    if "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
-        return f"; XLA_FLAGS={os.environ['XLA_FLAGS']}"
-    return "; XLA:CPU's default kernels"
+        kernels = f"XLA:CPU convolutions in XLA's own kernels, dots in YNNPACK ({added}: no AVX-512)"
+    elif YNN_FLAG in user_flags or SCHEDULER_FLAG in user_flags:
+        kernels = f"XLA_FLAGS={user_flags}"
+    else:
+        kernels = "XLA:CPU's default kernels"
+    scheduler = "" if SCHEDULER_FLAG in user_flags else ", memory-minimising scheduler"
+    return f"; {kernels}, float32 3x3 convolutions of >= {CPU_WINOGRAD_MIN_CHANNELS} channels by Winograd F(2x2, 3x3){scheduler}"
 
 
 def describe_versions() -> str:

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from sdjax.backends import DOTS_ONLY, YNN_FLAG, choose_cpu_kernels, cpu_flags
+from sdjax.backends import DOTS_ONLY, SCHEDULER_FLAG, YNN_FLAG, choose_cpu_kernels, choose_cpu_scheduler, cpu_flags
 
 pytestmark = pytest.mark.compat  # also run under the newest jax (CI phase 2)
 
@@ -55,3 +55,36 @@ def test_the_flag_takes_convolutions_out_of_ynnpack():
 
     assert kernel(f"{YNN_FLAG}={DOTS_ONLY}") == "xla"
     assert kernel(f"{YNN_FLAG}=individual_convolution") == "ynn"
+
+
+def test_the_memory_minimising_scheduler_is_chosen_unless_the_user_chose():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert choose_cpu_scheduler(env) == f"{SCHEDULER_FLAG}=false"
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {SCHEDULER_FLAG}=false"
+    env = {"XLA_FLAGS": f"{SCHEDULER_FLAG}=true"}
+    assert choose_cpu_scheduler(env) is None and env["XLA_FLAGS"] == f"{SCHEDULER_FLAG}=true"
+
+
+def test_the_scheduler_flag_keeps_parameter_only_work_from_piling_up():
+    """The flag is XLA's (an unknown one would abort every JAX start). A chain of layers, each multiplying
+    by a transform of its own weights: scheduled for concurrency, every transform is made first and all
+    are alive at once; with the flag, one at a time."""
+    program = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        ws = [jnp.ones((512, 512)) for _ in range(8)]
+        def chain(x, ws):
+            for w in ws:
+                x = jnp.tanh(x @ (w * 2.0 + 1.0))
+            return x
+        compiled = jax.jit(chain).lower(jnp.ones((4, 512)), ws).compile()
+        print(compiled.memory_analysis().temp_size_in_bytes)
+    """)
+
+    def temporaries(xla_flags: str) -> int:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+        out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    one_transform = 512 * 512 * 4
+    assert temporaries(f"{SCHEDULER_FLAG}=false") < 3 * one_transform
+    assert temporaries(f"{SCHEDULER_FLAG}=true") >= 6 * one_transform

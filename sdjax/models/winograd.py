@@ -14,7 +14,9 @@ for float32), and both stop near the same fraction of the CPU's matmul peak. On 
 100 -> 74 ms), and their gradients 1.1-3.3x less. The 16 matmuls are written out one by one: as one
 batched matmul XLA:CPU ran them ~1.5x slower. With few channels the transforms, which move 4x the input
 and output through memory, cost more than the multiplications save (the VAE's 128-channel levels: 0.84-0.88x),
-so `layers` takes this path from 256 channels up.
+so `layers` takes this path from 256 channels up. The kernel's transform depends on parameters only:
+XLA:CPU's default (concurrency-first) scheduler would make every layer's at the start of the program, all
+alive at once; sdjax.backends chooses the memory-minimising one.
 """
 
 from __future__ import annotations
