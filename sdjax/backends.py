@@ -43,18 +43,25 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def _add_xla_flag(environ: dict[str, str], flag: str, value: str) -> str | None:
+    """Appends flag=value to environ's XLA_FLAGS unless XLA_FLAGS already names the flag (the user's
+    setting wins). Returns what was added, or None."""
+    current = environ.get("XLA_FLAGS", "")
+    if flag in current:
+        return None
+    added = f"{flag}={value}"
+    environ["XLA_FLAGS"] = f"{current} {added}".strip()
+    return added
+
+
 def choose_cpu_kernels(environ: dict[str, str] | None = None, flags: set[str] | None = None) -> str | None:
     """Adds YNN_FLAG=individual_dot to XLA_FLAGS in `environ` (default: os.environ) on an x86 CPU without
     AVX-512 (see the module docstring), unless XLA_FLAGS already sets YNN_FLAG. Returns the flag added, or
     None. Has an effect only before JAX starts its CPU backend."""
-    environ = os.environ if environ is None else environ
     flags = cpu_flags() if flags is None else flags
-    current = environ.get("XLA_FLAGS", "")
-    if YNN_FLAG in current or "avx2" not in flags or "avx512f" in flags:
+    if "avx2" not in flags or "avx512f" in flags:
         return None
-    added = f"{YNN_FLAG}={DOTS_ONLY}"
-    environ["XLA_FLAGS"] = f"{current} {added}".strip()
-    return added
+    return _add_xla_flag(os.environ if environ is None else environ, YNN_FLAG, DOTS_ONLY)
 
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
@@ -64,13 +71,7 @@ def choose_cpu_scheduler(environ: dict[str, str] | None = None) -> str | None:
     """Adds SCHEDULER_FLAG=false (the memory-minimising scheduler; see the module docstring) to XLA_FLAGS in
     `environ` (default: os.environ) unless XLA_FLAGS already sets it. Returns the flag added, or None. Has an
     effect only before JAX starts its CPU backend."""
-    environ = os.environ if environ is None else environ
-    current = environ.get("XLA_FLAGS", "")
-    if SCHEDULER_FLAG in current:
-        return None
-    added = f"{SCHEDULER_FLAG}=false"
-    environ["XLA_FLAGS"] = f"{current} {added}".strip()
-    return added
+    return _add_xla_flag(os.environ if environ is None else environ, SCHEDULER_FLAG, "false")
 
 
 def prepare() -> None:
